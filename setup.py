@@ -1,0 +1,29 @@
+"""countclip-jax: teach a pretrained CLIP to count (JAX/Flax, TPU-native)."""
+import pathlib
+
+import setuptools
+
+HERE = pathlib.Path(__file__).parent
+
+
+def _requirements(name):
+  lines = (HERE / name).read_text().splitlines()
+  return [l.split("#")[0].strip() for l in lines if l.split("#")[0].strip()]
+
+
+setuptools.setup(
+    name="countclip-jax",
+    version="0.1.0",
+    description="Teaching CLIP to count, in JAX/Flax on TPU pods.",
+    long_description=(HERE / "README.md").read_text(),
+    long_description_content_type="text/markdown",
+    packages=setuptools.find_packages(include=["countclip_jax", "countclip_jax.*"]),
+    package_data={"countclip_jax": ["package_data/*.json"]},
+    python_requires=">=3.10",
+    install_requires=_requirements("requirements.txt"),
+    extras_require={
+        # torch + transformers' PyTorch CLIP are the reference in parity tests only;
+        # nothing under countclip_jax/ imports torch.
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0"],
+    },
+)
