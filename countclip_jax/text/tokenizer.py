@@ -1,0 +1,140 @@
+"""CLIP tokenizer: transformers' fast CLIP BPE, fixed-length int32 ids, offline test vocabularies.
+
+`Tokenizer` wraps `transformers.CLIPTokenizerFast` (hub id or local directory) and returns ids
+padded/truncated to the context length exactly as `tokenizer(texts, padding="max_length",
+truncation=True, max_length=L)` does in transformers: `<|startoftext|> ... <|endoftext|> pad...`.
+
+`build_tokenizer(words)` makes a small CLIP-compatible BPE (same normaliser, pre-tokeniser, byte
+alphabet and special tokens as OpenAI's) whose merges spell the given words, so the synthetic
+world and the tests have a real tokenizer without a download.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Iterable, Sequence
+
+import numpy as np
+import tokenizers
+import transformers
+from etils import epath
+
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+END_OF_WORD = "</w>"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "vocab.json", "merges.txt")
+
+
+class Tokenizer:
+  """Fixed-length CLIP tokenization: `tokenizer(texts) -> int32 (B, context_length)`."""
+
+  def __init__(self, hf_tokenizer, context_length: int = 77):
+    if context_length < 3:
+      raise ValueError(f"context_length must be >= 3 (bos, a token, eos), got {context_length}")
+    self.hf = hf_tokenizer
+    self.context_length = context_length
+
+  @classmethod
+  def from_pretrained(cls, name_or_path: str, context_length: int = 77) -> "Tokenizer":
+    """Loads from a hub id, a local directory or a gs:// directory (copied to a temp dir)."""
+    path = str(name_or_path)
+    if path.startswith("gs://"):
+      path = _copy_to_local(path, TOKENIZER_FILES)
+    elif os.path.exists(path) and not os.path.isdir(path):
+      raise ValueError(f"Tokenizer path {path} is a file; pass the directory that holds it.")
+    return cls(transformers.CLIPTokenizerFast.from_pretrained(path), context_length)
+
+  @property
+  def eos_token_id(self) -> int:
+    return self.hf.eos_token_id
+
+  @property
+  def bos_token_id(self) -> int:
+    return self.hf.bos_token_id
+
+  @property
+  def pad_token_id(self) -> int:
+    return self.hf.pad_token_id
+
+  @property
+  def vocab_size(self) -> int:
+    return len(self.hf)
+
+  def __call__(self, texts: str | Sequence[str]) -> np.ndarray:
+    if isinstance(texts, str):
+      texts = [texts]
+    ids = self.hf(list(texts), padding="max_length", truncation=True,
+                  max_length=self.context_length, return_attention_mask=False)["input_ids"]
+    return np.asarray(ids, dtype=np.int32).reshape(len(texts), self.context_length)
+
+  def tokens(self, text: str) -> list[int]:
+    """Ids of `text` without bos/eos, padding or truncation."""
+    return self.hf(text, add_special_tokens=False)["input_ids"]
+
+  def save(self, out_dir: str) -> None:
+    """Writes the tokenizer files in Hugging Face format to a local or gs:// directory."""
+    out = epath.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+      self.hf.save_pretrained(tmp)
+      for name in os.listdir(tmp):
+        (out / name).write_bytes(open(os.path.join(tmp, name), "rb").read())
+
+
+def _copy_to_local(remote_dir: str, names: Iterable[str]) -> str:
+  local = tempfile.mkdtemp(prefix="countclip_tok_")
+  remote = epath.Path(remote_dir)
+  for name in names:
+    if (remote / name).exists():
+      with open(os.path.join(local, name), "wb") as f:
+        f.write((remote / name).read_bytes())
+  return local
+
+
+def build_tokenizer(words: Iterable[str], context_length: int = 77,
+                    out_dir: str | None = None) -> Tokenizer:
+  """A small CLIP BPE trained on `words` (any texts): each word seen becomes one token.
+
+  The normaliser, pre-tokeniser, byte alphabet and `</w>` suffix are CLIP's, so any text still
+  tokenizes (byte fallback, as in CLIP). The special tokens come last, as in OpenAI's
+  vocabulary, so eos is the largest id.
+  """
+  # Train with the normaliser and pre-tokeniser of a real CLIPTokenizerFast, so that the merges
+  # are learned on exactly the pieces the tokenizer will see.
+  base = _write_and_load({**{c: i for i, c in enumerate(_alphabet())}, BOS: 256, EOS: 257}, [])
+  backend = tokenizers.Tokenizer(tokenizers.models.BPE(end_of_word_suffix=END_OF_WORD,
+                                                       continuing_subword_prefix=""))
+  backend.normalizer = base.backend_tokenizer.normalizer
+  backend.pre_tokenizer = base.backend_tokenizer.pre_tokenizer
+  backend.train_from_iterator(list(words), trainer=tokenizers.trainers.BpeTrainer(
+      vocab_size=49408, min_frequency=0, show_progress=False, end_of_word_suffix=END_OF_WORD,
+      continuing_subword_prefix="", initial_alphabet=list(_alphabet())))
+  trained = json.loads(backend.to_str())["model"]
+  vocab: dict[str, int] = {}
+  for symbol in list(_alphabet()) + [c + END_OF_WORD for c in _alphabet()]:
+    vocab.setdefault(symbol, len(vocab))
+  for symbol, _ in sorted(trained["vocab"].items(), key=lambda kv: kv[1]):
+    vocab.setdefault(symbol, len(vocab))
+  vocab[BOS] = len(vocab)
+  vocab[EOS] = len(vocab)
+  merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in trained["merges"]]
+  tokenizer = Tokenizer(_write_and_load(vocab, merges), context_length)
+  if out_dir is not None:
+    tokenizer.save(out_dir)
+  return tokenizer
+
+
+def _write_and_load(vocab: dict[str, int], merges: Sequence[tuple[str, str]]):
+  """vocab.json + merges.txt -> CLIPTokenizerFast: the one format every transformers reads."""
+  with tempfile.TemporaryDirectory() as tmp:
+    with open(os.path.join(tmp, "vocab.json"), "w", encoding="utf-8") as f:
+      json.dump(vocab, f, ensure_ascii=False)
+    with open(os.path.join(tmp, "merges.txt"), "w", encoding="utf-8") as f:
+      f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    return transformers.CLIPTokenizerFast.from_pretrained(tmp)
+
+
+def _alphabet() -> list[str]:
+  """CLIP's 256 byte symbols (GPT-2's printable byte map), sorted: the first vocab entries."""
+  return sorted(tokenizers.pre_tokenizers.ByteLevel.alphabet())
