@@ -1,0 +1,347 @@
+"""CLIP in Flax linen, with the parameter tree of Hugging Face's FlaxCLIPModel.
+
+Parameter paths match HF exactly (`vision_model/encoder/layers/0/self_attn/q_proj/kernel`,
+`vision_model/pre_layrnorm`, `visual_projection/kernel`, `logit_scale`, ...), so HF
+`flax_model.msgpack` files load as they are and PyTorch `model.safetensors` convert by rule
+(models/hf.py). Pixels are NHWC. Params carry logical axis names for the sharding rules:
+
+  vocab, embed (tower width), heads (attention features), mlp, proj (joint embedding), norm.
+
+Embeddings returned by `encode_image` / `encode_text` are projected and unnormalised, like HF's
+`get_image_features` / `get_text_features`, and always float32 whatever the compute dtype.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+
+def quick_gelu(x):
+  return x * jax.nn.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {
+    "quick_gelu": quick_gelu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # HF "gelu" is the exact erf form.
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConfig:
+  vocab_size: int = 49408
+  context_length: int = 77  # HF max_position_embeddings
+  width: int = 512
+  depth: int = 12
+  heads: int = 8
+  mlp_dim: int = 2048
+  act: str = "quick_gelu"
+  eos_token_id: int = 49407  # 2 means HF's legacy rule: pool at argmax(input_ids)
+  layer_norm_eps: float = 1e-5
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+  image_size: int = 224
+  patch_size: int = 32
+  width: int = 768
+  depth: int = 12
+  heads: int = 12
+  mlp_dim: int = 3072
+  act: str = "quick_gelu"
+  num_channels: int = 3
+  layer_norm_eps: float = 1e-5
+
+  @property
+  def num_patches(self) -> int:
+    return (self.image_size // self.patch_size) ** 2
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPConfig:
+  text: TextConfig = TextConfig()
+  vision: VisionConfig = VisionConfig()
+  projection_dim: int = 512
+  logit_scale_init: float = math.log(1 / 0.07)
+
+  def __post_init__(self):
+    for name, tower in (("text", self.text), ("vision", self.vision)):
+      if tower.width % tower.heads:
+        raise ValueError(f"{name} width {tower.width} is not divisible by heads {tower.heads}")
+      if tower.act not in ACTIVATIONS:
+        raise ValueError(f"{name} act {tower.act!r} is not one of {sorted(ACTIVATIONS)}")
+    if self.vision.image_size % self.vision.patch_size:
+      raise ValueError(f"image_size {self.vision.image_size} is not a multiple of patch_size "
+                       f"{self.vision.patch_size}")
+
+
+def _text(width, depth, heads, **kw):
+  return TextConfig(width=width, depth=depth, heads=heads, mlp_dim=4 * width, **kw)
+
+
+def _vision(image, patch, width, depth, heads, **kw):
+  return VisionConfig(image_size=image, patch_size=patch, width=width, depth=depth, heads=heads,
+                      mlp_dim=4 * width, **kw)
+
+
+# The OpenAI CLIP ViTs (the architectures behind the hub ids in configs/), and tiny test sizes.
+ARCHITECTURES = {
+    "b32": CLIPConfig(_text(512, 12, 8), _vision(224, 32, 768, 12, 12), 512),
+    "b16": CLIPConfig(_text(512, 12, 8), _vision(224, 16, 768, 12, 12), 512),
+    "l14": CLIPConfig(_text(768, 12, 12), _vision(224, 14, 1024, 24, 16), 768),
+    "l14_336": CLIPConfig(_text(768, 12, 12), _vision(336, 14, 1024, 24, 16), 768),
+    "tiny": CLIPConfig(_text(64, 2, 2, vocab_size=1000, context_length=16, eos_token_id=999),
+                       _vision(32, 8, 96, 2, 3), 48),
+}
+
+
+def _init(std, names):
+  return nn.with_logical_partitioning(nn.initializers.normal(std), names)
+
+
+_zeros = lambda *names: nn.with_logical_partitioning(nn.initializers.zeros_init(), names)
+_ones = lambda *names: nn.with_logical_partitioning(nn.initializers.ones_init(), names)
+
+
+class Attention(nn.Module):
+  """HF CLIPAttention: q/k/v/out projections with biases, queries scaled by head_dim**-0.5."""
+  width: int
+  heads: int
+  depth: int  # of the tower, for the init scale
+  dtype: Dtype
+  param_dtype: Dtype
+
+  @nn.compact
+  def __call__(self, x, mask=None, causal=False):
+    head_dim = self.width // self.heads
+    in_std = self.width ** -0.5 * (2 * self.depth) ** -0.5
+
+    def dense(name, std, out_names):
+      return nn.Dense(self.width, name=name, dtype=self.dtype, param_dtype=self.param_dtype,
+                      kernel_init=_init(std, out_names), bias_init=_zeros(out_names[1]))
+
+    split = lambda t: t.reshape(t.shape[:-1] + (self.heads, head_dim))
+    q = split(dense("q_proj", in_std, ("embed", "heads"))(x))
+    k = split(dense("k_proj", in_std, ("embed", "heads"))(x))
+    v = split(dense("v_proj", in_std, ("embed", "heads"))(x))
+    y = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal)
+    y = y.reshape(y.shape[:-2] + (self.width,))
+    return dense("out_proj", self.width ** -0.5, ("heads", "embed"))(y)
+
+
+class MLP(nn.Module):
+  width: int
+  mlp_dim: int
+  depth: int
+  act: str
+  dtype: Dtype
+  param_dtype: Dtype
+
+  @nn.compact
+  def __call__(self, x):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    x = nn.Dense(self.mlp_dim, name="fc1", kernel_init=_init((2 * self.width) ** -0.5,
+                 ("embed", "mlp")), bias_init=_zeros("mlp"), **kw)(x)
+    x = ACTIVATIONS[self.act](x)
+    std = self.width ** -0.5 * (2 * self.depth) ** -0.5
+    return nn.Dense(self.width, name="fc2", kernel_init=_init(std, ("mlp", "embed")),
+                    bias_init=_zeros("embed"), **kw)(x)
+
+
+def _layer_norm(name, eps, dtype, param_dtype):
+  return nn.LayerNorm(epsilon=eps, name=name, dtype=dtype, param_dtype=param_dtype,
+                      scale_init=_ones("norm"), bias_init=_zeros("norm"))
+
+
+class EncoderLayer(nn.Module):
+  """Pre-norm residual block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
+  cfg: TextConfig | VisionConfig
+  dtype: Dtype
+  param_dtype: Dtype
+
+  @nn.compact
+  def __call__(self, x, mask, causal):
+    c, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    h = _layer_norm("layer_norm1", c.layer_norm_eps, **kw)(x)
+    x = x + Attention(c.width, c.heads, c.depth, name="self_attn", **kw)(h, mask, causal)
+    h = _layer_norm("layer_norm2", c.layer_norm_eps, **kw)(x)
+    return x + MLP(c.width, c.mlp_dim, c.depth, c.act, name="mlp", **kw)(h)
+
+
+class LayerCollection(nn.Module):
+  """The `layers/0 ... layers/N-1` level of HF's tree; optional rematerialisation per layer."""
+  cfg: TextConfig | VisionConfig
+  dtype: Dtype
+  param_dtype: Dtype
+  remat: bool = False
+
+  @nn.compact
+  def __call__(self, x, mask=None, causal=False):
+    layer_cls = nn.remat(EncoderLayer, static_argnums=(3,)) if self.remat else EncoderLayer
+    for i in range(self.cfg.depth):
+      x = layer_cls(self.cfg, self.dtype, self.param_dtype, name=str(i))(x, mask, causal)
+    return x
+
+
+class Encoder(nn.Module):
+  cfg: TextConfig | VisionConfig
+  dtype: Dtype
+  param_dtype: Dtype
+  remat: bool = False
+
+  @nn.compact
+  def __call__(self, x, mask=None, causal=False):
+    return LayerCollection(self.cfg, self.dtype, self.param_dtype, self.remat,
+                           name="layers")(x, mask, causal)
+
+
+class TextEmbeddings(nn.Module):
+  cfg: TextConfig
+  dtype: Dtype
+  param_dtype: Dtype
+
+  @nn.compact
+  def __call__(self, input_ids):
+    c, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    tokens = nn.Embed(c.vocab_size, c.width, name="token_embedding",
+                      embedding_init=_init(0.02, ("vocab", "embed")), **kw)(input_ids)
+    positions = nn.Embed(c.context_length, c.width, name="position_embedding",
+                         embedding_init=_init(0.02, (None, "embed")), **kw)
+    return tokens + positions(jnp.arange(input_ids.shape[-1]))[None]
+
+
+class TextTransformer(nn.Module):
+  cfg: TextConfig
+  dtype: Dtype
+  param_dtype: Dtype
+  remat: bool = False
+
+  @nn.compact
+  def __call__(self, input_ids, attention_mask=None):
+    c, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    if input_ids.shape[-1] > c.context_length:
+      raise ValueError(f"input_ids length {input_ids.shape[-1]} exceeds the model's context "
+                       f"length {c.context_length}")
+    x = TextEmbeddings(c, name="embeddings", **kw)(input_ids)
+    mask = None
+    if attention_mask is not None:  # padding keys are masked; the causal mask is added inside.
+      mask = attention_mask.astype(bool)[:, None, None, :]
+    x = Encoder(c, remat=self.remat, name="encoder", **kw)(x, mask, causal=True)
+    x = _layer_norm("final_layer_norm", c.layer_norm_eps, **kw)(x)
+    if c.eos_token_id == 2:  # HF's legacy configs: eos has the largest id in the vocabulary.
+      eos_pos = jnp.argmax(input_ids, axis=-1)
+    else:  # the first eos (padding may also be eos)
+      eos_pos = jnp.argmax(input_ids == c.eos_token_id, axis=-1)
+    return jnp.take_along_axis(x, eos_pos[:, None, None], axis=1)[:, 0]
+
+
+class VisionEmbeddings(nn.Module):
+  cfg: VisionConfig
+  dtype: Dtype
+  param_dtype: Dtype
+
+  @nn.compact
+  def __call__(self, pixels):
+    c = self.cfg
+    if pixels.shape[1:] != (c.image_size, c.image_size, c.num_channels):
+      raise ValueError(f"pixels must be NHWC (B, {c.image_size}, {c.image_size}, "
+                       f"{c.num_channels}), got {pixels.shape}")
+    patches = nn.Conv(c.width, (c.patch_size, c.patch_size), strides=c.patch_size,
+                      padding="VALID", use_bias=False, name="patch_embedding", dtype=self.dtype,
+                      param_dtype=self.param_dtype,
+                      kernel_init=_init(0.02, (None, None, None, "embed")))(pixels)
+    patches = patches.reshape(patches.shape[0], -1, c.width)
+    cls = self.param("class_embedding", _init(c.width ** -0.5, ("embed",)), (c.width,),
+                     self.param_dtype)
+    cls = jnp.broadcast_to(cls.astype(patches.dtype), (patches.shape[0], 1, c.width))
+    x = jnp.concatenate([cls, patches], axis=1)
+    positions = nn.Embed(c.num_patches + 1, c.width, name="position_embedding",
+                         embedding_init=_init(0.02, (None, "embed")), dtype=self.dtype,
+                         param_dtype=self.param_dtype)
+    return x + positions(jnp.arange(c.num_patches + 1))[None]
+
+
+class VisionTransformer(nn.Module):
+  cfg: VisionConfig
+  dtype: Dtype
+  param_dtype: Dtype
+  remat: bool = False
+
+  @nn.compact
+  def __call__(self, pixels):
+    c, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    x = VisionEmbeddings(c, name="embeddings", **kw)(pixels.astype(self.dtype))
+    x = _layer_norm("pre_layrnorm", c.layer_norm_eps, **kw)(x)  # sic: HF's name
+    x = Encoder(c, remat=self.remat, name="encoder", **kw)(x)
+    return _layer_norm("post_layernorm", c.layer_norm_eps, **kw)(x[:, 0])
+
+
+class Output(NamedTuple):
+  image_embeds: jax.Array  # (B, P) projected, unnormalised
+  text_embeds: jax.Array  # (T, P)
+  logits_per_image: jax.Array  # (B, T) = exp(logit_scale) * cos
+
+
+class CLIP(nn.Module):
+  """CLIP with HF FlaxCLIPModel parameter names. bf16 compute: dtype=jnp.bfloat16."""
+  config: CLIPConfig
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  remat: bool = False
+
+  def setup(self):
+    c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    self.text_model = TextTransformer(c.text, remat=self.remat, **kw)
+    self.vision_model = VisionTransformer(c.vision, remat=self.remat, **kw)
+    proj = lambda width: dict(use_bias=False, kernel_init=_init(width ** -0.5, ("embed", "proj")))
+    self.visual_projection = nn.Dense(c.projection_dim, **proj(c.vision.width), **kw)
+    self.text_projection = nn.Dense(c.projection_dim, **proj(c.text.width), **kw)
+    self.logit_scale = self.param(
+        "logit_scale", nn.with_logical_partitioning(nn.initializers.constant(
+            c.logit_scale_init), ()), (), self.param_dtype)
+
+  def encode_image(self, pixels):
+    return self.visual_projection(self.vision_model(pixels)).astype(jnp.float32)
+
+  def encode_text(self, input_ids, attention_mask=None):
+    return self.text_projection(self.text_model(input_ids, attention_mask)).astype(jnp.float32)
+
+  def __call__(self, pixels, input_ids, attention_mask=None) -> Output:
+    image, text = self.encode_image(pixels), self.encode_text(input_ids, attention_mask)
+    cos = normalize(image) @ normalize(text).T
+    return Output(image, text, jnp.exp(self.logit_scale.astype(jnp.float32)) * cos)
+
+
+def normalize(x, eps=1e-12):
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
+def init_params(model: CLIP, rng: jax.Array):
+  """Random params (unboxed, HF layout) for `model`."""
+  c = model.config
+  pixels = jnp.zeros((1, c.vision.image_size, c.vision.image_size, c.vision.num_channels))
+  ids = jnp.zeros((1, c.text.context_length), jnp.int32)
+  return nn.unbox(model.init(rng, pixels, ids)["params"])
+
+
+def param_shapes(model: CLIP):
+  """The params' ShapeDtypeStructs, without allocating anything."""
+  return jax.eval_shape(functools.partial(init_params, model), jax.random.key(0))
+
+
+def logical_axes(model: CLIP):
+  """The logical axis names of every param (a tree of PartitionSpec), without allocating."""
+  c = model.config
+  pixels = jax.ShapeDtypeStruct((1, c.vision.image_size, c.vision.image_size,
+                                 c.vision.num_channels), jnp.float32)
+  ids = jax.ShapeDtypeStruct((1, c.text.context_length), jnp.int32)
+  boxed = jax.eval_shape(model.init, jax.random.key(0), pixels, ids)["params"]
+  return nn.get_partition_spec(boxed)

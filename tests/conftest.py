@@ -1,0 +1,68 @@
+"""Shared test fixtures: tiny random CLIP checkpoints written in Hugging Face format."""
+import os
+
+import numpy as np
+import pytest
+
+# Tests run on the CPU; 8 host devices let sharding tests build real meshes.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# Two tiny architectures for parity: one quick_gelu, one gelu; text and vision widths differ;
+# eos_token_id is not 2 (the modern pooling rule: the first eos position).
+TINY_HF_CONFIGS = {
+    "quick_gelu": dict(
+        text_config=dict(vocab_size=120, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=16,
+                         hidden_act="quick_gelu", bos_token_id=118, eos_token_id=119,
+                         pad_token_id=119),
+        vision_config=dict(image_size=24, patch_size=8, hidden_size=48, intermediate_size=80,
+                           num_hidden_layers=2, num_attention_heads=3, hidden_act="quick_gelu"),
+        projection_dim=24),
+    "gelu": dict(
+        text_config=dict(vocab_size=90, hidden_size=40, intermediate_size=56,
+                         num_hidden_layers=3, num_attention_heads=5, max_position_embeddings=12,
+                         hidden_act="gelu", bos_token_id=88, eos_token_id=89, pad_token_id=0),
+        vision_config=dict(image_size=16, patch_size=4, hidden_size=24, intermediate_size=48,
+                           num_hidden_layers=3, num_attention_heads=2, hidden_act="gelu"),
+        projection_dim=16),
+}
+
+
+def make_torch_clip(name, seed=0, **overrides):
+  """A transformers CLIPModel with every weight random (not HF's ones/zeros init)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  kwargs = {**TINY_HF_CONFIGS[name], **overrides}
+  torch.manual_seed(seed)
+  model = transformers.CLIPModel(transformers.CLIPConfig(**kwargs)).eval()
+  with torch.no_grad():
+    for p in model.parameters():
+      p.copy_(torch.randn_like(p) * 0.2)
+    model.logit_scale.fill_(np.log(1 / 0.07))
+  return model
+
+
+def sample_inputs(config, batch=3, seed=0):
+  """NHWC pixels and eos-terminated ids with padding after the eos."""
+  rng = np.random.RandomState(seed)
+  t, v = config.text_config, config.vision_config
+  pixels = rng.randn(batch, v.image_size, v.image_size, 3).astype(np.float32)
+  length = t.max_position_embeddings
+  ids = np.full((batch, length), t.pad_token_id, np.int32)
+  for i in range(batch):
+    n = rng.randint(1, length - 1)
+    ids[i, 0] = t.bos_token_id
+    ids[i, 1:n] = rng.randint(1, t.vocab_size - 3, size=n - 1)
+    ids[i, n] = t.eos_token_id
+  return pixels, ids
+
+
+@pytest.fixture(params=sorted(TINY_HF_CONFIGS))
+def hf_checkpoint(request, tmp_path):
+  """(torch model, directory written by save_pretrained)."""
+  model = make_torch_clip(request.param)
+  model.save_pretrained(tmp_path / "ckpt")
+  return model, str(tmp_path / "ckpt")

@@ -1,0 +1,111 @@
+"""models/clip.py: architecture presets, HF parameter layout, logical axes, dtypes, remat."""
+import dataclasses
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from countclip_jax import models
+from countclip_jax.models.clip import CLIP, CLIPConfig, TextConfig, VisionConfig
+
+
+def count(tree):
+  return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree))
+
+
+@pytest.mark.parametrize("name, expected", [
+    # Parameter counts of the OpenAI checkpoints as transformers' CLIPModel reports them.
+    ("b32", 151_277_313), ("b16", 149_620_737), ("l14", 427_616_513), ("l14_336", 427_944_193)])
+def test_presets_have_the_openai_parameter_counts(name, expected):
+  assert count(models.param_shapes(CLIP(models.ARCHITECTURES[name]))) == expected
+
+
+def test_parameter_paths_are_hf_flax_layout():
+  shapes = models.param_shapes(CLIP(models.ARCHITECTURES["tiny"]))
+  paths = {"/".join(p) for p in flax.traverse_util.flatten_dict(shapes)}
+  for path in [
+      "logit_scale", "visual_projection/kernel", "text_projection/kernel",
+      "vision_model/embeddings/class_embedding", "vision_model/embeddings/patch_embedding/kernel",
+      "vision_model/embeddings/position_embedding/embedding", "vision_model/pre_layrnorm/scale",
+      "vision_model/post_layernorm/bias",
+      "vision_model/encoder/layers/1/self_attn/q_proj/kernel",
+      "text_model/embeddings/token_embedding/embedding",
+      "text_model/encoder/layers/0/mlp/fc2/bias", "text_model/encoder/layers/0/layer_norm1/scale",
+      "text_model/final_layer_norm/scale"]:
+    assert path in paths, path
+  assert "visual_projection/bias" not in paths
+  assert shapes["vision_model"]["embeddings"]["patch_embedding"]["kernel"].shape == (8, 8, 3, 96)
+
+
+def test_every_param_has_logical_axes_of_its_rank():
+  model = CLIP(models.ARCHITECTURES["tiny"])
+  shapes, axes = models.param_shapes(model), models.logical_axes(model)
+  flat_axes = flax.traverse_util.flatten_dict(axes)
+  for path, shape in flax.traverse_util.flatten_dict(shapes).items():
+    assert len(flat_axes[path]) == len(shape.shape), path
+  assert flat_axes[("text_model", "embeddings", "token_embedding", "embedding")] == \
+      jax.sharding.PartitionSpec("vocab", "embed")
+  assert flat_axes[("vision_model", "encoder", "layers", "0", "mlp", "fc1", "kernel")] == \
+      jax.sharding.PartitionSpec("embed", "mlp")
+
+
+def tiny_inputs(config, batch=2):
+  pixels = jax.random.normal(jax.random.key(1), (batch, config.vision.image_size,
+                                                 config.vision.image_size, 3))
+  ids = np.full((batch, config.text.context_length), config.text.eos_token_id, np.int32)
+  ids[:, 0], ids[:, 1:4] = config.text.eos_token_id - 1, [[5, 6, 7]]
+  return pixels, ids
+
+
+def test_bf16_compute_keeps_fp32_params_and_outputs():
+  config = models.ARCHITECTURES["tiny"]
+  model = CLIP(config, dtype=jnp.bfloat16)
+  params = models.init_params(model, jax.random.key(0))
+  assert {x.dtype for x in jax.tree_util.tree_leaves(params)} == {jnp.dtype(jnp.float32)}
+  out = model.apply({"params": params}, *tiny_inputs(config))
+  assert out.image_embeds.dtype == out.text_embeds.dtype == jnp.float32
+  ref = CLIP(config).apply({"params": params}, *tiny_inputs(config))
+  np.testing.assert_allclose(out.logits_per_image, ref.logits_per_image, atol=0.3)
+
+
+def test_remat_changes_nothing_but_memory():
+  config = models.ARCHITECTURES["tiny"]
+  params = models.init_params(CLIP(config), jax.random.key(0))
+  inputs = tiny_inputs(config)
+  loss = lambda model: jax.value_and_grad(
+      lambda p: model.apply({"params": p}, *inputs).logits_per_image.sum())(params)
+  (plain, g_plain), (remat, g_remat) = loss(CLIP(config)), loss(CLIP(config, remat=True))
+  np.testing.assert_allclose(plain, remat, rtol=1e-6)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
+                         g_plain, g_remat)
+
+
+def test_text_pools_at_the_first_eos():
+  config = models.ARCHITECTURES["tiny"]
+  model = CLIP(config)
+  params = models.init_params(model, jax.random.key(0))
+  eos = config.text.eos_token_id
+  a = np.array([[998, 5, 6, eos] + [eos] * 12], np.int32)
+  b = np.array([[998, 5, 6, eos] + [7] * 12], np.int32)  # causal: later tokens cannot matter
+  encode = lambda ids: model.apply({"params": params}, ids, method="encode_text")
+  np.testing.assert_allclose(encode(a), encode(b), atol=1e-6)
+  c = np.array([[998, 5, 9, eos] + [eos] * 12], np.int32)
+  assert not np.allclose(encode(a), encode(c))
+
+
+def test_bad_inputs_and_configs_fail_clearly():
+  config = models.ARCHITECTURES["tiny"]
+  model = CLIP(config)
+  params = models.init_params(model, jax.random.key(0))
+  with pytest.raises(ValueError, match=r"pixels must be NHWC \(B, 32, 32, 3\)"):
+    model.apply({"params": params}, jnp.zeros((1, 3, 32, 32)), method="encode_image")
+  with pytest.raises(ValueError, match="exceeds the model's context length 16"):
+    model.apply({"params": params}, jnp.zeros((1, 17), jnp.int32), method="encode_text")
+  with pytest.raises(ValueError, match="not divisible by heads"):
+    CLIPConfig(text=TextConfig(width=10, heads=3))
+  with pytest.raises(ValueError, match="act 'relu6'"):
+    CLIPConfig(vision=VisionConfig(act="relu6"))
+  with pytest.raises(ValueError, match="not a multiple of patch_size"):
+    dataclasses.replace(config, vision=dataclasses.replace(config.vision, image_size=30))
