@@ -138,3 +138,76 @@ def _write_and_load(vocab: dict[str, int], merges: Sequence[tuple[str, str]]):
 def _alphabet() -> list[str]:
   """CLIP's 256 byte symbols (GPT-2's printable byte map), sorted: the first vocab entries."""
   return sorted(tokenizers.pre_tokenizers.ByteLevel.alphabet())
+
+
+def fit_caption(tokenizer: Tokenizer, caption: str, count: int | None = None) -> str:
+  """`caption` cut to whole words that fit the context, keeping its number word.
+
+  The tokenizer keeps the first `context_length - 2` tokens; when that cuts the number word, the
+  nine count candidates of a caption tokenize the same (a defect of an earlier replication). This
+  keeps a window of whole words around the first counting mention of `count` (default:
+  `numbers.parse_count`) -- a quarter of the room before it, the rest after, for the object noun
+  that follows -- small enough that every candidate of `numbers.count_captions` fits too. Without
+  a count it keeps the start. Returns a substring of `caption`, so case and spelling are kept.
+  """
+  from countclip_jax.text import numbers  # pylint: disable=g-import-not-at-top
+
+  room = tokenizer.context_length - 2
+  if count is None:
+    count = numbers.parse_count(caption)
+  encoding = tokenizer.hf(caption, add_special_tokens=False, return_offsets_mapping=True,
+                          verbose=False)
+  # Words as (first char, end char, number of tokens): cut only where a token ends a word.
+  words, start, n = [], None, 0
+  for token, (a, b) in zip(tokenizer.hf.convert_ids_to_tokens(encoding["input_ids"]),
+                           encoding["offset_mapping"]):
+    start, n = a if start is None else start, n + 1
+    if token.endswith(END_OF_WORD):
+      words.append((start, b, n))
+      start, n = None, 0
+  if start is not None:
+    words.append((start, len(caption), n))
+  if not words:
+    return caption
+
+  anchor = 0
+  if count is not None:
+    mentions = [m for m in numbers.find_numbers(caption) if m.value == count]
+    if not mentions:
+      raise ValueError(f"Caption has no number word {numbers.number_word(count)!r}: {caption!r}")
+    first = next((m for m in mentions if m.reason is None), mentions[0])
+    anchor = next(i for i, w in enumerate(words) if w[1] > first.start)
+  lo, hi = anchor, anchor + 1
+  used = words[anchor][2]
+  while lo > 0 and used + words[lo - 1][2] <= room // 4:
+    lo, used = lo - 1, used + words[lo - 1][2]
+  while hi < len(words) and used + words[hi][2] <= room:
+    hi, used = hi + 1, used + words[hi][2]
+  while lo > 0 and used + words[lo - 1][2] <= room:
+    lo, used = lo - 1, used + words[lo - 1][2]
+
+  def fits(text):
+    candidates = numbers.count_captions(text, count) if count is not None else [text]
+    return all(len(tokenizer.tokens(c)) <= room for c in candidates)
+
+  # Candidates with a longer number word, or re-tokenization at the cut, can need fewer words.
+  while True:
+    text = caption[words[lo][0]:words[hi - 1][1]] if (lo, hi) != (0, len(words)) else caption
+    if fits(text):
+      return text
+    if hi - 1 > anchor:
+      hi -= 1
+    elif lo < anchor:
+      lo += 1
+    else:
+      raise ValueError(f"The number word of {caption!r} alone does not fit {room} tokens "
+                       f"(context_length={tokenizer.context_length}).")
+
+
+def fit_captions(tokenizer: Tokenizer, captions: Sequence[str],
+                 counts: Sequence[int | None] | None = None) -> list[str]:
+  """`fit_caption` over a batch; `counts` defaults to parsing each caption."""
+  counts = [None] * len(captions) if counts is None else counts
+  if len(counts) != len(captions):
+    raise ValueError(f"{len(captions)} captions but {len(counts)} counts.")
+  return [fit_caption(tokenizer, c, n) for c, n in zip(captions, counts)]
