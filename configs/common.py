@@ -1,0 +1,76 @@
+"""Defaults shared by every preset; each preset's get_config() starts from `base()`.
+
+Every field is documented here once. Presets override what differs and say why. Every field can
+be overridden on the command line, e.g. `--config.train.lr=1e-5 --config.count.fraction=0.5`.
+"""
+import ml_collections
+
+
+def base() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+
+  c.model = ml_collections.ConfigDict()
+  c.model.init = ""            # HF hub id, local dir or gs:// dir to start from; "" = random init
+  c.model.arch = "b32"         # models.ARCHITECTURES key, used when init is "" (and for shapes)
+  c.model.dtype = "bfloat16"   # compute dtype; params stay float32
+  c.model.remat = False        # rematerialise each transformer layer (saves activation memory)
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "synthetic"  # synthetic | records | tfds
+  c.data.tokenizer = ""        # hub id or dir; "" = model.init's tokenizer, or built for the
+                               # synthetic world's vocabulary when training from scratch
+  c.data.context_length = 77   # text tokens (CLIP's is 77); captions are fitted around the number
+  c.data.augment = False       # random resized crop for training images
+  c.data.balance_numbers = True  # sample counting examples uniformly over two..ten
+  c.data.num_workers = 0       # grain worker processes per host (0 = in the main process)
+  c.data.synthetic = ml_collections.ConfigDict()
+  c.data.synthetic.size = 100_000        # examples in the train split (held-out: eval.size)
+  c.data.synthetic.distractor_prob = 0.3
+  c.data.synthetic.textured_prob = 0.5
+  c.data.records = ml_collections.ConfigDict()
+  c.data.records.counting = ""  # ArrayRecord glob of counting pairs (data.prepare output)
+  c.data.records.general = ""   # ArrayRecord glob of general pairs
+  c.data.tfds = ml_collections.ConfigDict()
+  c.data.tfds.name = ""         # a tfds image-text dataset for the general pairs (data_source)
+  c.data.tfds.split = "train"
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 1000
+  c.train.batch_size = 256     # global batch (all hosts), counting + general examples
+  c.train.lr = 1e-5            # peak learning rate (AdamW)
+  c.train.warmup_steps = 100
+  c.train.end_lr_fraction = 0.0  # cosine decays to lr * this
+  c.train.weight_decay = 0.2   # CLIP's; never applied to norms, biases, embeddings, logit scale
+  c.train.b1 = 0.9
+  c.train.b2 = 0.98            # CLIP's Adam beta2
+  c.train.eps = 1e-6
+  c.train.grad_clip = 1.0      # global-norm clipping; 0 disables
+  c.train.grad_accum = 1       # micro-batches per update (batch_size must divide by it)
+  c.train.freeze = ""          # regex of param paths (a/b/c) kept frozen, e.g. "^vision_model/"
+  c.train.seed = 0
+  c.train.max_nonfinite = 10   # consecutive non-finite losses before the run stops
+  c.train.log_every = 10
+
+  c.count = ml_collections.ConfigDict()
+  c.count.lam = 1.0            # λ in L = L_clip + λ L_count (the paper's is 1)
+  c.count.fraction = 0.25      # p: share of each batch that are counting pairs
+  c.count.num_counterfactuals = 1  # K: 1 = the paper (one wrong number); 8 = all wrong numbers
+  c.count.scale = 1.0          # float (1.0 = the paper's raw cosine) or "learned" (logit scale)
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1             # data-parallel axis; -1 = all devices left over
+  c.mesh.fsdp = 1              # params and optimizer state sharded over this axis (ZeRO-3)
+  c.mesh.model = 1             # tensor parallelism over attention heads / MLP
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every_steps = 500
+  c.checkpoint.max_to_keep = 3
+  c.checkpoint.async_save = True
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.every_steps = 0       # 0 = only at the end
+  c.eval.datasets = ("synthetic",)  # countbench (needs eval.countbench_dir) | synthetic
+  c.eval.size = 900            # held-out synthetic images
+  c.eval.countbench_dir = ""   # the cache written by `python -m countclip_jax.data.countbench`
+  c.eval.batch_size = 64
+  return c
