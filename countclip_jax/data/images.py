@@ -1,0 +1,196 @@
+"""Images: bytes -> RGB -> CLIP's float32 (S, S, 3), robust to bad bytes.
+
+`decode` raises `BadImageError` (a ValueError) for anything it cannot turn into an RGB image --
+empty or truncated files, non-images, decompression bombs -- so that callers count and skip
+the example instead of crashing a run. `preprocess` is CLIP's eval transform, as in OpenAI's
+and Hugging Face's `CLIPImageProcessor`: shorter side resized (bicubic) to S, centre crop S,
+scaled to [0, 1], normalized by CLIP's mean and std; with `rng` it is the training transform, a
+random resized crop. Arrays are HWC (NHWC batched), like the model's inputs.
+"""
+from __future__ import annotations
+
+import io
+import math
+import struct
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+from PIL import JpegImagePlugin
+
+CLIP_MEAN = np.array((0.48145466, 0.4578275, 0.40821073), np.float32)
+CLIP_STD = np.array((0.26862954, 0.26130258, 0.27577711), np.float32)
+# PIL's own threshold. Decoding 89M pixels takes ~270 MB as RGB; larger is almost surely a bomb.
+MAX_PIXELS = 89_478_485
+# Crops keep at least 90% of the image by default: a smaller crop can cut counted objects out.
+CROP_SCALE = (0.9, 1.0)
+CROP_RATIO = (3 / 4, 4 / 3)
+
+
+class BadImageError(ValueError):
+  """Bytes that are not a decodable image (or exceed the pixel limit): count it and skip it."""
+
+
+def decode(data: bytes, *, max_pixels: int = MAX_PIXELS, min_size: int | None = None
+           ) -> Image.Image:
+  """Image bytes (any format PIL reads; the first frame of animations) -> RGB PIL image.
+
+  min_size: let libjpeg decode JPEGs at 1/2, 1/4 or 1/8 scale while both sides stay >= min_size
+    (PIL `draft`): several times faster on large photos that are resized down anyway.
+  Raises BadImageError for empty, truncated or unidentifiable bytes and for images of more than
+  `max_pixels` pixels (checked from the header, before decoding; this replaces PIL's own
+  `Image.MAX_IMAGE_PIXELS` check, so no DecompressionBombWarning is ever emitted).
+  """
+  data = bytes(data)
+  if not data:
+    raise BadImageError("Empty image (0 bytes).")
+  try:
+    image = _open(io.BytesIO(data))
+  except Exception as e:  # PIL raises many types for bad bytes; all mean "not an image".
+    raise BadImageError(f"Not a readable image ({len(data)} bytes starting {data[:12]!r}): "
+                        f"{type(e).__name__}: {e}") from e
+  width, height = image.size
+  if width * height > max_pixels:
+    raise BadImageError(f"Image of {width}x{height} = {width * height} pixels exceeds "
+                        f"max_pixels={max_pixels} (decompression bomb guard).")
+  try:
+    if min_size and isinstance(image, JpegImagePlugin.JpegImageFile):
+      image.draft(image.mode, (min_size, min_size))
+    image.load()
+    return to_rgb(image)
+  except Exception as e:
+    raise BadImageError(f"Cannot decode {image.format} image {width}x{height} "
+                        f"({len(data)} bytes): {type(e).__name__}: {e}") from e
+
+
+def _open(fp: io.BytesIO) -> Image.Image:
+  """`Image.open` without its pixel check, which warns (process-wide warning state, racy to
+  silence from threads) before `decode` can apply `max_pixels`. Same plugin registry and order."""
+  Image.init()
+  prefix = fp.read(16)
+  for fmt in Image.ID:
+    factory, accept = Image.OPEN[fmt]
+    accepted = accept(prefix) if accept else True
+    if not accepted or isinstance(accepted, str):  # a str is a "looks like, but" message
+      continue
+    fp.seek(0)
+    try:
+      return factory(fp, "")
+    except (SyntaxError, IndexError, TypeError, struct.error):  # what Image.open skips past
+      continue
+  raise Image.UnidentifiedImageError("cannot identify image file")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+  """Any PIL mode -> RGB.
+
+  Transparency (RGBA, LA, PA, P with a transparent colour) is composited on white, as a browser
+  shows it on a white page: transparent product shots are common on the web, and the colour
+  under a transparent pixel is arbitrary (often black), so dropping alpha would be wrong.
+  16-bit and 32-bit integer greys (I;16*, I) are read as 16-bit (0..65535 -> 0..255); float
+  greys (F) are clipped to 0..255; CMYK and YCbCr use PIL's conversion.
+  """
+  if image.mode == "RGB":
+    return image
+  if image.mode == "P":
+    image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+  elif image.mode.startswith("I"):
+    pixels = np.asarray(image, dtype=np.float64) / 257.0
+    image = Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8))
+  elif image.mode == "F":
+    image = Image.fromarray(np.clip(np.rint(np.asarray(image)), 0, 255).astype(np.uint8))
+  if image.mode == "La":  # premultiplied; PIL converts it to LA only
+    image = image.convert("LA")
+  if image.mode in ("RGBA", "RGBa", "LA", "PA"):
+    rgba = image.convert("RGBA")
+    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(white, rgba).convert("RGB")
+  return image.convert("RGB")
+
+
+def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
+  """Shorter side to `size` (bicubic), then the centre `size` x `size`, as CLIPImageProcessor."""
+  width, height = image.size
+  if width <= height:
+    new = (size, int(size * height / width))
+  else:
+    new = (int(size * width / height), size)
+  if new != image.size:
+    image = image.resize(new, Image.BICUBIC)
+  left, top = (new[0] - size) // 2, (new[1] - size) // 2
+  return image.crop((left, top, left + size, top + size))
+
+
+def random_resized_crop(image: Image.Image, size: int,
+                        rng: np.random.Generator | int | None = None,
+                        scale: tuple[float, float] = CROP_SCALE,
+                        ratio: tuple[float, float] = CROP_RATIO) -> Image.Image:
+  """A random crop of `scale` of the area and `ratio` aspect, resized (bicubic) to `size`.
+
+  The algorithm of torchvision's RandomResizedCrop (ten tries, then a centre crop at the nearest
+  allowed ratio), deterministic given `rng` (a numpy Generator or a seed).
+  """
+  rng = np.random.default_rng(rng)
+  width, height = image.size
+  area = width * height
+  log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+  for _ in range(10):
+    target = area * rng.uniform(*scale)
+    aspect = math.exp(rng.uniform(*log_ratio))
+    w = int(round(math.sqrt(target * aspect)))
+    h = int(round(math.sqrt(target / aspect)))
+    if 0 < w <= width and 0 < h <= height:
+      top = int(rng.integers(0, height - h + 1))
+      left = int(rng.integers(0, width - w + 1))
+      break
+  else:
+    aspect = width / height
+    if aspect < min(ratio):
+      w, h = width, int(round(width / min(ratio)))
+    elif aspect > max(ratio):
+      w, h = int(round(height * max(ratio))), height
+    else:
+      w, h = width, height
+    top, left = (height - h) // 2, (width - w) // 2
+  return image.resize((size, size), Image.BICUBIC, box=(left, top, left + w, top + h))
+
+
+def normalize(pixels: np.ndarray) -> np.ndarray:
+  """uint8 (..., 3) -> float32 scaled to [0, 1] and normalized by CLIP's mean and std."""
+  return ((np.asarray(pixels, np.float32) / 255.0 - CLIP_MEAN) / CLIP_STD).astype(np.float32)
+
+
+def preprocess(image: Image.Image | bytes, size: int = 224, *,
+               rng: np.random.Generator | int | None = None,
+               scale: tuple[float, float] = CROP_SCALE, ratio: tuple[float, float] = CROP_RATIO,
+               max_pixels: int = MAX_PIXELS) -> np.ndarray:
+  """Image or its bytes -> float32 (size, size, 3), CLIP-normalized.
+
+  Without `rng`: CLIP's eval transform (resize shorter side, centre crop). With `rng`: the
+  training augmentation `random_resized_crop(scale, ratio)`. Bytes go through `decode` (and
+  raise BadImageError); JPEGs are decoded at the smallest scale that keeps enough pixels.
+  """
+  augment = rng is not None
+  if isinstance(image, Image.Image):
+    image = to_rgb(image)
+  else:
+    min_size = math.ceil(size / math.sqrt(scale[0])) if augment else size
+    image = decode(image, max_pixels=max_pixels, min_size=min_size)
+  if augment:
+    image = random_resized_crop(image, size, rng, scale, ratio)
+  else:
+    image = resize_center_crop(image, size)
+  return normalize(np.asarray(image))
+
+
+def preprocess_batch(images: Sequence[Image.Image | bytes], size: int = 224, *,
+                     rng: np.random.Generator | int | None = None, **kwargs) -> np.ndarray:
+  """`preprocess` over a batch -> float32 (N, size, size, 3); one `rng` draws all the crops."""
+  rng = None if rng is None else np.random.default_rng(rng)
+  out = np.empty((len(images), size, size, 3), np.float32)
+  for i, image in enumerate(images):
+    try:
+      out[i] = preprocess(image, size, rng=rng, **kwargs)
+    except BadImageError as e:
+      raise BadImageError(f"Image {i} of the batch: {e}") from e
+  return out
