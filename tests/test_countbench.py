@@ -1,4 +1,4 @@
-"""CountBench: entries, the downloader against a local HTTP server, the cache and parquet loaders."""
+"""CountBench: entries, the downloader against a local HTTP server, cache and parquet loaders."""
 import collections
 import http.server
 import io

@@ -22,8 +22,9 @@ NUMBERS = tuple(NUMBER_WORDS)
 WORD_NUMBERS = {w: n for n, w in NUMBER_WORDS.items()}
 
 _WORD_RE = re.compile(r"\b(" + "|".join(NUMBER_WORDS.values()) + r")\b", re.IGNORECASE)
-# A number in a ratio ("one in ten"): words or a short numeral ("in 2018" is a year, not a ratio).
-_ANY_NUMBER = r"(?:one|two|three|four|five|six|seven|eight|nine|ten|\d{1,3}\b)"
+# Another number in a ratio or range ("one in ten", "two or 3"): a word or a short numeral ("in
+# 2018" is a year, not a ratio).
+_ANY_NUMBER = r"(?:one|two|three|four|five|six|seven|eight|nine|ten|eleven|twelve|\d{1,3}\b)"
 _HYPHEN = "-\u2010\u2011"
 
 # (reason, pattern that ends just before the word, pattern that starts just after it).
@@ -36,10 +37,12 @@ _NOT_A_COUNT = tuple((reason, before and re.compile(before + r"$", re.I),
     ("age or duration", r"\b(?:aged?|ages)(?:\s+of)?\s+",
      r"\s+(?:years?|yrs?|months?|weeks?|days?|nights?|hours?|hrs?|minutes?|mins?|seconds?|secs?"
      r"|decades?|centur(?:y|ies))\b"),
-    ("clock time", r"\b(?:quarter|half|twenty|ten|five)\s+past\s+|\b(?:quarter|twenty|ten|five)\s+to\s+",
-     r"\s*(?:o['\u2019]?\s?clock\b|[ap]\.\s?m\.|[ap]m\b)"),
-    ("fraction", None,
-     r"[\s-]*(?:thirds|fourths|fifths|sixths|sevenths|eighths|ninths|tenths)\b|\s+and\s+a\s+half\b"),
+    ("clock time", r"\b(?:quarter|half)\s+(?:past|to)\s+|\b(?:twenty|ten|five)\s+past\s+",
+     rf"\s*(?:o['\u2019]?\s?clock\b|[ap]\.\s?m\.|[ap]m\b)|\s+past\s+{_ANY_NUMBER}"),
+    ("range", rf"\b{_ANY_NUMBER}\s*(?:to|or|\u2013|\u2014)\s*",
+     rf"\s*(?:to|or|\u2013|\u2014)\s*{_ANY_NUMBER}"),
+    ("fraction", None, r"[\s-]*(?:thirds|fourths|fifths|sixths|sevenths|eighths|ninths|tenths)\b"
+                       r"|\s+and\s+a\s+half\b"),
     ("measure", None,
      r"\s*(?:%|(?:percent|per\s*cent|times|fold|degrees?|dollars?|bucks|cents?|euros?|pounds?|pence"
      r"|miles?|kilomet(?:er|re)s?|km|met(?:er|re)s?|inch(?:es)?|cm|mm|yards?|kilos?|kilograms?|kg"
@@ -115,7 +118,8 @@ def parse_count(caption: str) -> int | None:
     - hyphenated compounds: "two-tone", "three-piece", "Nine-month-old", "two- and three-seat";
     - part of a larger number: "twenty two", "hundred and ten", "two hundred", "two dozen";
     - ages and durations: "ten years", "five minutes", "aged ten";
-    - clock times: "five o'clock", "ten pm", "half past two", "quarter to ten";
+    - clock times: "five o'clock", "ten pm", "half past two", "quarter to ten", "ten past six";
+    - ranges: "two or three", "one or two", "five to ten", "two\u2013four";
     - fractions: "two thirds", "two and a half";
     - measures: "ten percent", "two times", "five dollars", "ten miles", "two kilos"
       ("feet" stays a count: "two feet" in a photo are usually feet);
