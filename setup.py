@@ -17,7 +17,7 @@ setuptools.setup(
     description="Teaching CLIP to count, in JAX/Flax on TPU pods.",
     long_description=(HERE / "README.md").read_text(),
     long_description_content_type="text/markdown",
-    packages=setuptools.find_packages(include=["countclip_jax", "countclip_jax.*"]),
+    packages=setuptools.find_packages(include=["countclip_jax", "countclip_jax.*", "configs"]),
     package_data={"countclip_jax": ["package_data/*.json"]},
     python_requires=">=3.10",
     install_requires=_requirements("requirements.txt"),

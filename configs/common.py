@@ -55,7 +55,8 @@ def base() -> ml_collections.ConfigDict:
   c.count.lam = 1.0            # λ in L = L_clip + λ L_count (the paper's is 1)
   c.count.fraction = 0.25      # p: share of each batch that are counting pairs
   c.count.num_counterfactuals = 1  # K: 1 = the paper (one wrong number); 8 = all wrong numbers
-  c.count.scale = 1.0          # float (1.0 = the paper's raw cosine) or "learned" (logit scale)
+  # s in L_count: a float (1.0 = the paper's raw cosine) or "learned" (the model's logit scale).
+  c.count.scale = ml_collections.FieldReference(1.0, field_type=object)
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1             # data-parallel axis; -1 = all devices left over
@@ -73,4 +74,5 @@ def base() -> ml_collections.ConfigDict:
   c.eval.size = 900            # held-out synthetic images
   c.eval.countbench_dir = ""   # the cache written by `python -m countclip_jax.data.countbench`
   c.eval.batch_size = 64
+  c.lock()  # presets and overrides may set fields, never add them: a typo is an error
   return c

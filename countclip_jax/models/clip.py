@@ -98,6 +98,9 @@ ARCHITECTURES = {
     "b16": CLIPConfig(_text(512, 12, 8), _vision(224, 16, 768, 12, 12), 512),
     "l14": CLIPConfig(_text(768, 12, 12), _vision(224, 14, 1024, 24, 16), 768),
     "l14_336": CLIPConfig(_text(768, 12, 12), _vision(336, 14, 1024, 24, 16), 768),
+    # The CPU demo's model (~1.7M params): 64 px images of the synthetic counting world.
+    "demo": CLIPConfig(_text(128, 4, 4, vocab_size=1000, context_length=16, eos_token_id=999),
+                       _vision(64, 8, 128, 4, 4), 128),
     "tiny": CLIPConfig(_text(64, 2, 2, vocab_size=1000, context_length=16, eos_token_id=999),
                        _vision(32, 8, 96, 2, 3), 48),
 }

@@ -1,0 +1,102 @@
+"""Device mesh, logical-axis rules for the params, batch placement, multi-host start.
+
+The mesh has three axes: `data` (pure data parallelism), `fsdp` (data parallelism whose params
+and optimizer state are sharded too) and `model` (tensor parallelism over heads and MLP). The
+batch is split over `data` and `fsdp` together. Params name their dimensions logically
+(models/clip.py); RULES map those names to mesh axes, as data, not code.
+"""
+from __future__ import annotations
+
+import os
+
+import flax.linen as nn
+import jax
+import numpy as np
+from absl import logging
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "model")
+BATCH_AXES = ("data", "fsdp")
+
+# logical param axis -> mesh axis (None = replicated along that dimension).
+RULES = (
+    ("vocab", "model"),
+    ("embed", "fsdp"),
+    ("heads", "model"),
+    ("mlp", "model"),
+    ("proj", None),
+    ("norm", None),
+)
+
+
+def initialize_distributed() -> None:
+  """Joins the JAX processes of a multi-host job (TPU pod); nothing to do on one host.
+
+  On a TPU VM pod, `jax.distributed.initialize()` finds the coordinator from the TPU metadata.
+  Elsewhere set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID.
+  """
+  if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+    jax.distributed.initialize(
+        coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
+        num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+        process_id=int(os.environ["JAX_PROCESS_ID"]))
+  elif os.environ.get("TPU_WORKER_HOSTNAMES", "localhost").count(",") > 0:
+    jax.distributed.initialize()
+
+
+def mesh_shape(mesh_config, num_devices: int) -> tuple[int, int, int]:
+  """(data, fsdp, model) from the config; one axis may be -1 for "the devices left over"."""
+  sizes = [int(mesh_config[a]) for a in MESH_AXES]
+  if sizes.count(-1) > 1:
+    raise ValueError(f"At most one mesh axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
+  if any(s == 0 or s < -1 for s in sizes):
+    raise ValueError(f"Mesh axes must be positive or -1, got {dict(zip(MESH_AXES, sizes))}")
+  known = int(np.prod([s for s in sizes if s != -1]))
+  if -1 in sizes:
+    if num_devices % known:
+      raise ValueError(f"{num_devices} devices cannot be split into mesh "
+                       f"{dict(zip(MESH_AXES, sizes))}")
+    sizes[sizes.index(-1)] = num_devices // known
+  if int(np.prod(sizes)) != num_devices:
+    raise ValueError(f"Mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, "
+                     f"there are {num_devices}")
+  return tuple(sizes)
+
+
+def make_mesh(mesh_config, devices=None) -> Mesh:
+  devices = jax.devices() if devices is None else devices
+  shape = mesh_shape(mesh_config, len(devices))
+  # make_mesh places devices by the TPU topology. Auto axes: shardings are given explicitly at
+  # the jit boundary and propagated by XLA inside.
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3,
+                       devices=devices)
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
+  """Leading (batch) dimension split over the data axes, the rest replicated."""
+  return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+  return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def param_shardings(mesh: Mesh, logical_axes, shapes, rules=RULES):
+  """NamedSharding per param from its logical axes; a dimension that the mesh axis does not
+  divide evenly is replicated instead (logged), so any vocabulary or width works."""
+  specs = nn.logical_to_mesh(logical_axes, rules)
+
+  def fit(spec, shape):
+    axes = []
+    for dim, axis in zip(shape.shape, tuple(spec) + (None,) * (len(shape.shape) - len(spec))):
+      size = int(np.prod([mesh.shape[a] for a in (axis if isinstance(axis, tuple) else (axis,))
+                          if a is not None]))
+      if axis is not None and dim % size:
+        logging.info("Replicating a dimension of size %d: mesh axis %s (%d) does not divide it",
+                     dim, axis, size)
+        axis = None
+      axes.append(axis)
+    return NamedSharding(mesh, P(*axes))
+
+  return jax.tree_util.tree_map(fit, specs, shapes,
+                                is_leaf=lambda x: isinstance(x, P))

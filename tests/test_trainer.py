@@ -1,0 +1,185 @@
+"""trainer.py: the sharded step equals the one-device step; guards, accumulation, freezing."""
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import tiny
+from countclip_jax import models, sharding, trainer
+from countclip_jax.text.tokenizer import build_tokenizer
+
+WORDS = ["a photo of two three four five six seven eight nine ten red blue stars circles"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+  return build_tokenizer(WORDS, context_length=16)
+
+
+def fake_batch(config, tokenizer, image_size, seed=0):
+  """A batch in the pipeline's layout, with random pixels and real token ids."""
+  rng = np.random.RandomState(seed)
+  counting, general = trainer.split_batch(config.train.batch_size, config.count.fraction)
+  k = config.count.num_counterfactuals
+  words = ["two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
+  numbers = rng.randint(2, 11, size=counting)
+  cf_numbers = np.array([[m for m in range(2, 11) if m != n][:k] for n in numbers], np.int32)
+  texts = lambda nums: tokenizer([f"a photo of {words[n - 2]} red stars" for n in nums])
+  image = lambda n: rng.randn(n, image_size, image_size, 3).astype(np.float32)
+  return {
+      "count": {"image": image(counting), "text": texts(numbers),
+                "cf_text": texts(cf_numbers.reshape(-1)).reshape(counting, k, -1),
+                "number": numbers.astype(np.int32), "cf_number": cf_numbers.reshape(counting, k)},
+      "general": {"image": image(general),
+                  "text": tokenizer(["a photo of blue circles"] * general)}}
+
+
+def setup(config, tokenizer, mesh_cfg=None, devices=None):
+  if mesh_cfg is not None:
+    config.mesh.data, config.mesh.fsdp, config.mesh.model = mesh_cfg
+  devices = jax.devices() if devices is None else devices
+  trainer.validate(config, len(devices))
+  mesh = sharding.make_mesh(config.mesh, devices)
+  model, _ = trainer.build_model(config, tokenizer)
+  shapes = models.param_shapes(model)
+  tx, schedule = trainer.make_optimizer(config, shapes)
+  state_shapes = jax.eval_shape(lambda p: trainer.TrainState(
+      jnp.zeros((), jnp.int32), p, tx.init(p), jnp.zeros((), jnp.int32),
+      jnp.zeros((), jnp.int32)), shapes)
+  shardings = trainer.state_shardings(
+      mesh, state_shapes, sharding.param_shardings(mesh, models.logical_axes(model), shapes))
+  state = trainer.init_state(model, tx, None, jax.random.key(0), mesh, shardings)
+  step = trainer.make_train_step(model, tx, schedule, config, mesh, shardings)
+  place = lambda b: jax.tree_util.tree_map(
+      lambda x, s: jax.device_put(x, s), b, trainer.batch_shardings(mesh))
+  return model, state, step, place
+
+
+def run_steps(config, tokenizer, mesh_cfg, devices=None, steps=2):
+  model, state, step, place = setup(config, tokenizer, mesh_cfg, devices)
+  for i in range(steps):
+    state, metrics = step(state, place(fake_batch(config, tokenizer,
+                                                  model.config.vision.image_size, seed=i)))
+  return jax.device_get(state.params), jax.device_get(metrics)
+
+
+def small_config():
+  config = tiny.get_config()
+  config.train.batch_size = 16
+  config.count.fraction = 0.5
+  return config
+
+
+def test_sharded_step_equals_one_device(tokenizer):
+  ref_params, ref_metrics = run_steps(small_config(), tokenizer, (1, 1, 1), jax.devices()[:1])
+  for mesh_cfg in [(8, 1, 1), (4, 2, 1), (2, 2, 2)]:
+    params, metrics = run_steps(small_config(), tokenizer, mesh_cfg)
+    np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-5)
+    np.testing.assert_allclose(metrics["count_loss"], ref_metrics["count_loss"], rtol=1e-5)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5),
+                           params, ref_params)
+
+
+def test_metrics_and_learning(tokenizer):
+  config = small_config()
+  config.train.lr = 3e-3
+  model, state, step, place = setup(config, tokenizer, (2, 1, 1), jax.devices()[:2])
+  batch = place(fake_batch(config, tokenizer, model.config.vision.image_size))
+  losses = []
+  for _ in range(8):
+    state, metrics = step(state, batch)
+    losses.append(float(metrics["loss"]))
+  assert set(metrics) >= {"loss", "clip_loss", "count_loss", "count_accuracy", "grad_norm",
+                          "lr", "logit_scale", "skipped"}
+  np.testing.assert_allclose(
+      metrics["loss"], metrics["clip_loss"] + config.count.lam * metrics["count_loss"],
+      rtol=1e-6)
+  assert losses[-1] < losses[0]  # it fits one batch
+  assert int(state.step) == 8
+
+
+def test_non_finite_loss_skips_the_update(tokenizer):
+  config = small_config()
+  model, state, step, place = setup(config, tokenizer, (1, 1, 1), jax.devices()[:1])
+  good = fake_batch(config, tokenizer, model.config.vision.image_size)
+  bad = jax.tree_util.tree_map(np.copy, good)
+  bad["general"]["image"][0, 0, 0, 0] = np.nan
+  state, _ = step(state, place(good))
+  before = jax.device_get(state.params)
+  state, metrics = step(state, place(bad))
+  state, metrics = step(state, place(bad))
+  assert float(metrics["skipped"]) == 1.0
+  assert int(state.nonfinite) == 2 and int(state.skipped) == 2 and int(state.step) == 3
+  jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(state.params), before)
+  state, _ = step(state, place(good))
+  assert int(state.nonfinite) == 0 and int(state.skipped) == 2
+
+
+def test_gradient_accumulation_averages_micro_batch_gradients(tokenizer):
+  config = small_config()
+  config.train.grad_accum = 2
+  config.train.grad_clip = 0.0
+  config.train.weight_decay = 0.0
+  model, state, step, place = setup(config, tokenizer, (1, 1, 1), jax.devices()[:1])
+  batch = fake_batch(config, tokenizer, model.config.vision.image_size)
+  params = jax.device_get(state.params)
+  # By hand: every second row makes a micro-batch; the update uses the mean gradient.
+  grad = jax.jit(jax.grad(lambda p, b: trainer.loss_fn(p, b, model, config.count)[0]))
+  micro = [jax.tree_util.tree_map(lambda x: x[i::2], batch) for i in range(2)]
+  mean_grad = jax.tree_util.tree_map(lambda a, b: (a + b) / 2, *[grad(params, m) for m in micro])
+  tx, _ = trainer.make_optimizer(config, params)
+  updates, _ = tx.update(mean_grad, tx.init(params), params)
+  expected = jax.tree_util.tree_map(lambda p, u: p + u, params, updates)
+  state, metrics = step(state, place(batch))
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
+                         jax.device_get(state.params), expected)
+
+
+def test_frozen_params_stay_and_logit_scale_is_clamped(tokenizer):
+  config = small_config()
+  config.train.freeze = "^vision_model/"
+  config.train.lr = 10.0  # huge, so the logit scale would leave [.., ln 100] without the clamp
+  config.train.warmup_steps = 0
+  model, state, step, place = setup(config, tokenizer, (1, 1, 1), jax.devices()[:1])
+  before = jax.device_get(state.params)
+  state, _ = step(state, place(fake_batch(config, tokenizer, model.config.vision.image_size)))
+  after = jax.device_get(state.params)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, after["vision_model"],
+                         before["vision_model"])
+  assert not np.allclose(after["text_projection"]["kernel"], before["text_projection"]["kernel"])
+  assert float(after["logit_scale"]) <= math.log(100.0) + 1e-6
+
+
+def test_weight_decay_only_on_kernels():
+  assert trainer.decays("vision_model/encoder/layers/0/mlp/fc1/kernel", None)
+  for path in ["logit_scale", "text_model/embeddings/token_embedding/embedding",
+               "vision_model/embeddings/class_embedding", "vision_model/pre_layrnorm/scale",
+               "text_model/encoder/layers/0/mlp/fc1/bias"]:
+    assert not trainer.decays(path, None), path
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("count.fraction", 1.5, r"count.fraction \(p\) must be in \[0, 1\]"),
+    ("count.fraction", -0.1, r"count.fraction \(p\) must be in \[0, 1\]"),
+    ("train.batch_size", 12, "not divisible by mesh.data"),
+    ("count.num_counterfactuals", 9, "must be 1..8"),
+    ("count.scale", "big", "count.scale must be a positive number or 'learned'"),
+    ("model.dtype", "float8", "model.dtype must be one of"),
+    ("model.arch", "huge", "model.arch 'huge' is not one of"),
+])
+def test_bad_configs_fail_fast(field, value, message):
+  config = tiny.get_config()
+  section, name = field.split(".")
+  with config.unlocked():
+    config[section][name] = value
+  with pytest.raises(ValueError, match=message):
+    trainer.validate(config, 8)
+
+
+def test_unknown_config_key_is_refused():
+  config = tiny.get_config()
+  with pytest.raises(AttributeError, match="learning_rate"):
+    config.train.learning_rate = 1e-3  # presets are locked: a typo is an error, not a new key
