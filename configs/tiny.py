@@ -8,7 +8,7 @@ from configs import common
 
 def get_config():
   c = common.base()
-  c.model.arch = "tiny"            # 32 px, patch 8, 2+2 layers
+  c.model.arch = "tiny"            # 64 px, patch 16, 2+2 layers
   c.model.dtype = "float32"        # CPUs have no fast bf16
   c.data.context_length = 16       # synthetic captions are at most 8 words
   c.data.synthetic.size = 10_000

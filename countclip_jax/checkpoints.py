@@ -20,6 +20,11 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 
+# Beside the checkpoints in the workdir: the model's architecture (HF CLIPConfig JSON), so that
+# export and eval rebuild the model from the workdir alone.
+MODEL_CONFIG = "model_config.json"
+
+
 def checkpoint_dir(workdir: str) -> epath.Path:
   return epath.Path(workdir) / "checkpoints"
 

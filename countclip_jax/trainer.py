@@ -27,10 +27,12 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from countclip_jax import checkpoints, losses, models, sharding
 from countclip_jax.metric_writer import MetricWriter
+from countclip_jax.models import hf
 from countclip_jax.models.clip import CLIP, normalize
 from countclip_jax.text.tokenizer import Tokenizer
 
 MAX_LOGIT_SCALE = math.log(100.0)
+
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -308,6 +310,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # ---- Tokenizer and model.
   tokenizer = make_tokenizer(config, workdir)
   model, pretrained = build_model(config, tokenizer)
+  if primary:  # what export and eval need to rebuild the model from the checkpoints alone
+    (workdir / checkpoints.MODEL_CONFIG).write_text(hf.config_to_hf(model.config).to_json_string())
   shapes = models.param_shapes(model)
   logging.info("Model: %s params", f"{sum(x.size for x in jax.tree_util.tree_leaves(shapes)):,}")
 

@@ -36,7 +36,7 @@ def test_parameter_paths_are_hf_flax_layout():
       "text_model/final_layer_norm/scale"]:
     assert path in paths, path
   assert "visual_projection/bias" not in paths
-  assert shapes["vision_model"]["embeddings"]["patch_embedding"]["kernel"].shape == (8, 8, 3, 96)
+  assert shapes["vision_model"]["embeddings"]["patch_embedding"]["kernel"].shape == (16, 16, 3, 96)
 
 
 def test_every_param_has_logical_axes_of_its_rank():
@@ -99,8 +99,8 @@ def test_bad_inputs_and_configs_fail_clearly():
   config = models.ARCHITECTURES["tiny"]
   model = CLIP(config)
   params = models.init_params(model, jax.random.key(0))
-  with pytest.raises(ValueError, match=r"pixels must be NHWC \(B, 32, 32, 3\)"):
-    model.apply({"params": params}, jnp.zeros((1, 3, 32, 32)), method="encode_image")
+  with pytest.raises(ValueError, match=r"pixels must be NHWC \(B, 64, 64, 3\)"):
+    model.apply({"params": params}, jnp.zeros((1, 3, 64, 64)), method="encode_image")
   with pytest.raises(ValueError, match="exceeds the model's context length 16"):
     model.apply({"params": params}, jnp.zeros((1, 17), jnp.int32), method="encode_text")
   with pytest.raises(ValueError, match="not divisible by heads"):

@@ -102,7 +102,7 @@ ARCHITECTURES = {
     "demo": CLIPConfig(_text(128, 4, 4, vocab_size=1000, context_length=16, eos_token_id=999),
                        _vision(64, 8, 128, 4, 4), 128),
     "tiny": CLIPConfig(_text(64, 2, 2, vocab_size=1000, context_length=16, eos_token_id=999),
-                       _vision(32, 8, 96, 2, 3), 48),
+                       _vision(64, 16, 96, 2, 3), 48),
 }
 
 

@@ -1,0 +1,302 @@
+r"""Evaluation: counting (the CountBench protocol), zero-shot retention, retrieval, plots.
+
+  python -m countclip_jax.evaluate --workdir=DIR [--step=N] --data=synthetic,countbench
+  python -m countclip_jax.evaluate --hf=DIR_or_hub_id --data=countbench --countbench=CACHE
+
+Counting: each image's caption is rewritten with every number two..ten, fitted to the context
+length around the number word, and the most similar candidate is the prediction. Reported: top-1
+accuracy, accuracy per true number, mean absolute count error, the confusion matrix (JSON and a
+PNG heat map, rows = true number) and how many images were skipped, never silently.
+Results go to OUT/eval/<data>[_step<N>].json (+ PNGs); training's periodic evals call the same
+functions.
+"""
+from __future__ import annotations
+
+import functools
+import json
+from typing import Callable, Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+from etils import epath
+
+from countclip_jax.data import images as image_lib
+from countclip_jax.models.clip import CLIP, normalize
+from countclip_jax.text import numbers
+from countclip_jax.text.tokenizer import Tokenizer, fit_captions
+
+NUMBERS = numbers.NUMBERS  # two..ten
+
+
+# ----------------------------------------------------------------------------- metrics
+
+def counting_metrics(scores: np.ndarray, true_numbers: Sequence[int],
+                     candidates: Sequence[int] = NUMBERS, skipped: int = 0) -> dict:
+  """Metrics from (N, len(candidates)) image-vs-candidate-caption scores.
+
+  Returns accuracy, mae (mean |predicted - true|), per_number accuracy (None where a number has
+  no image), confusion[true][predicted] counts, n (images scored) and skipped.
+  """
+  scores, true_numbers = np.asarray(scores), np.asarray(true_numbers)
+  candidates = list(candidates)
+  predicted = np.asarray(candidates)[np.argmax(scores, axis=1)]
+  index = {n: i for i, n in enumerate(candidates)}
+  confusion = np.zeros((len(candidates), len(candidates)), np.int64)
+  for t, p in zip(true_numbers, predicted):
+    confusion[index[int(t)], index[int(p)]] += 1
+  per_number = {}
+  for n in candidates:
+    rows = true_numbers == n
+    per_number[str(n)] = float(np.mean(predicted[rows] == n)) if rows.any() else None
+  n = len(true_numbers)
+  return {
+      "accuracy": float(np.mean(predicted == true_numbers)) if n else 0.0,
+      "mae": float(np.mean(np.abs(predicted - true_numbers))) if n else 0.0,
+      "per_number": per_number, "confusion": confusion.tolist(), "numbers": candidates,
+      "n": n, "skipped": int(skipped)}
+
+
+def zero_shot_accuracy(image_emb, class_emb, labels) -> float:
+  """Top-1 accuracy of nearest class embedding (both normalised)."""
+  return float(np.mean(np.argmax(np.asarray(image_emb) @ np.asarray(class_emb).T, 1)
+                       == np.asarray(labels)))
+
+
+def retrieval_recall(image_emb, text_emb, ks: Iterable[int] = (1, 5)) -> dict:
+  """Recall@k for paired embeddings (row i of each is a pair), both directions."""
+  sim = np.asarray(image_emb) @ np.asarray(text_emb).T
+  target = np.arange(sim.shape[0])
+  out = {}
+  for name, s in (("image_to_text", sim), ("text_to_image", sim.T)):
+    rank = np.sum(s > s[target, target][:, None], axis=1)  # how many beat the true pair
+    for k in ks:
+      out[f"{name}_r@{k}"] = float(np.mean(rank < k))
+  return out
+
+
+def count_retrieval(image_emb, prompt_emb, image_numbers, candidates=NUMBERS, k=10) -> dict:
+  """For each number's prompt ("three {objects}"), the share of its top-k images that show
+  exactly that many objects (the paper's retrieval figure, as a number)."""
+  sim = np.asarray(prompt_emb) @ np.asarray(image_emb).T  # (numbers, images)
+  top = np.argsort(-sim, axis=1)[:, :k]
+  precision = {str(n): float(np.mean(np.asarray(image_numbers)[top[i]] == n))
+               for i, n in enumerate(candidates)}
+  return {"precision_at_k": precision, "k": k,
+          "mean_precision_at_k": float(np.mean(list(precision.values())))}
+
+
+def plot_confusion(metrics: dict, path: str, title: str) -> None:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  confusion = np.asarray(metrics["confusion"], np.float64)
+  rows = confusion / np.maximum(confusion.sum(axis=1, keepdims=True), 1)
+  fig, ax = plt.subplots(figsize=(5, 4.4))
+  im = ax.imshow(rows, cmap="Blues", vmin=0, vmax=1)
+  labels = [str(n) for n in metrics["numbers"]]
+  ax.set_xticks(range(len(labels)), labels)
+  ax.set_yticks(range(len(labels)), labels)
+  ax.set_xlabel("predicted number")
+  ax.set_ylabel("true number")
+  ax.set_title(f"{title}\naccuracy {metrics['accuracy']:.1%}, MAE {metrics['mae']:.2f}")
+  for i in range(len(labels)):
+    for j in range(len(labels)):
+      if rows[i, j] >= 0.005:
+        ax.text(j, i, f"{rows[i, j]:.2f}"[1:] if rows[i, j] < 1 else "1", ha="center",
+                va="center", fontsize=7, color="white" if rows[i, j] > 0.5 else "black")
+  fig.colorbar(im, ax=ax, fraction=0.046)
+  fig.tight_layout()
+  with epath.Path(path).open("wb") as f:
+    fig.savefig(f, format="png", dpi=120)
+  plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- embeddings
+
+class Embedder:
+  """Normalised image and text embeddings in fixed-size jitted batches (the last one padded)."""
+
+  def __init__(self, model: CLIP, params, tokenizer: Tokenizer, batch_size: int = 64):
+    self.model, self.params, self.tokenizer, self.batch_size = model, params, tokenizer, batch_size
+    encode = lambda method, p, x: normalize(model.apply({"params": p}, x, method=method))
+    self._images = jax.jit(functools.partial(encode, "encode_image"))
+    self._texts = jax.jit(functools.partial(encode, "encode_text"))
+
+  def _batched(self, fn, x: np.ndarray) -> np.ndarray:
+    out = []
+    for i in range(0, len(x), self.batch_size):
+      chunk = x[i:i + self.batch_size]
+      pad = self.batch_size - len(chunk)
+      if pad:
+        chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
+      out.append(np.asarray(fn(self.params, chunk))[:self.batch_size - pad])
+    dim = self.model.config.projection_dim
+    return np.concatenate(out) if out else np.zeros((0, dim), np.float32)
+
+  def images(self, pixels: np.ndarray) -> np.ndarray:
+    return self._batched(self._images, np.asarray(pixels, np.float32))
+
+  def texts(self, texts: Sequence[str]) -> np.ndarray:
+    return self._batched(self._texts, self.tokenizer(list(texts)))
+
+
+def candidate_scores(embedder: Embedder, image_emb: np.ndarray, captions: Sequence[str],
+                     counts: Sequence[int]) -> np.ndarray:
+  """(N, 9) similarity of each image to its caption rewritten with each number two..ten."""
+  fitted = fit_captions(embedder.tokenizer, captions, counts)
+  texts = [c for caption, n in zip(fitted, counts)
+           for c in numbers.count_captions(caption, n)]
+  text_emb = embedder.texts(texts).reshape(len(captions), len(NUMBERS), -1)
+  return np.einsum("nd,nkd->nk", image_emb, text_emb)
+
+
+# ----------------------------------------------------------------------------- datasets
+
+def eval_synthetic(embedder: Embedder, size: int = 900, seed: int = 0) -> dict:
+  """Counting, colour/shape zero-shot, retrieval and count retrieval on held-out images."""
+  from countclip_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+  image_size = embedder.model.config.vision.image_size
+  world = synthetic.SyntheticCounting(synthetic.WorldConfig(image_size=image_size),
+                                      split="heldout", seed=seed, size=size)
+  examples = [world[i] for i in range(size)]
+  pixels = image_lib.normalize(np.stack([e["image"] for e in examples]).astype(np.float32) / 255)
+  image_emb = embedder.images(pixels)
+  counts = [int(e["count"]) for e in examples]
+  scores = candidate_scores(embedder, image_emb, [e["caption_with_number"] for e in examples],
+                            counts)
+  results = {"counting": counting_metrics(scores, counts)}
+
+  # Retention: classify colour (and shape) by prompts without numbers, averaged over the other
+  # attribute and the templates (a prompt ensemble, as CLIP does for ImageNet).
+  config = world.config
+  for attribute, values, others in (("color", list(config.colors), list(config.shapes)),
+                                    ("shape", list(config.shapes), list(config.colors))):
+    class_emb = []
+    for value in values:
+      pairs = [(value, other) if attribute == "color" else (other, value) for other in others]
+      prompts = [p for color, shape in pairs for p in synthetic.captions(2, color, shape)[1]]
+      class_emb.append(np.mean(embedder.texts(prompts), axis=0))
+    class_emb = np.asarray(normalize(jnp.asarray(np.stack(class_emb))))
+    labels = [values.index(e[attribute]) for e in examples]
+    results[f"{attribute}_accuracy"] = zero_shot_accuracy(image_emb, class_emb, labels)
+
+  results["retrieval"] = retrieval_recall(
+      image_emb, embedder.texts([e["caption_without_number"] for e in examples]))
+  # Count retrieval: prompts name a kind ("a photo of three red stars"), so each kind's prompts
+  # rank that kind's images (top-1); precision is averaged over the kinds.
+  by_kind = {}
+  for i, e in enumerate(examples):
+    by_kind.setdefault((e["color"], e["shape"]), []).append(i)
+  per_kind = []
+  for (color, shape), rows in sorted(by_kind.items()):
+    if len(rows) >= len(NUMBERS):
+      prompts = [synthetic.captions(n, color, shape)[0][0] for n in NUMBERS]
+      per_kind.append(count_retrieval(image_emb[rows], embedder.texts(prompts),
+                                      [counts[i] for i in rows], k=1)["precision_at_k"])
+  if per_kind:
+    precision = {str(n): float(np.mean([p[str(n)] for p in per_kind])) for n in NUMBERS}
+    results["count_retrieval"] = {"precision_at_1": precision, "kinds": len(per_kind),
+                                  "mean_precision_at_1": float(np.mean(list(precision.values())))}
+  return results
+
+
+def eval_countbench(embedder: Embedder, source: str) -> dict:
+  """The paper's protocol on CountBench (a download cache or a parquet copy)."""
+  from countclip_jax.data import countbench  # pylint: disable=g-import-not-at-top
+  examples, skipped = countbench.load_examples(source)
+  size = embedder.model.config.vision.image_size
+  pixels, kept = [], []
+  for example in examples:
+    try:
+      pixels.append(image_lib.preprocess(example.read(), size))
+      kept.append(example)
+    except (image_lib.BadImageError, OSError, ValueError) as e:
+      logging.warning("CountBench %d skipped: %s", example.index, e)
+      skipped += 1
+  if not kept:
+    raise ValueError(f"No CountBench image could be read from {source} ({skipped} skipped)")
+  image_emb = embedder.images(np.stack(pixels))
+  scores = candidate_scores(embedder, image_emb, [e.text for e in kept],
+                            [e.number for e in kept])
+  return {"counting": counting_metrics(scores, [e.number for e in kept], skipped=skipped)}
+
+
+def run(embedder: Embedder, datasets: Sequence[str], out_dir: str, *, tag: str = "",
+        synthetic_size: int = 900, countbench_source: str = "") -> dict:
+  """Evaluates each dataset, writes OUT/eval/<name><tag>.json and confusion PNGs."""
+  out = epath.Path(out_dir) / "eval"
+  out.mkdir(parents=True, exist_ok=True)
+  results = {}
+  for name in datasets:
+    if name == "synthetic":
+      result = eval_synthetic(embedder, synthetic_size)
+    elif name == "countbench":
+      if not countbench_source:
+        raise ValueError("The countbench eval needs a source: eval.countbench_dir / "
+                         "--countbench (python -m countclip_jax.data.countbench --out DIR)")
+      result = eval_countbench(embedder, countbench_source)
+    else:
+      raise ValueError(f"Unknown eval dataset {name!r}: synthetic | countbench")
+    results[name] = result
+    if jax.process_index() == 0:
+      (out / f"{name}{tag}.json").write_text(json.dumps(result, indent=1))
+      plot_confusion(result["counting"], str(out / f"{name}{tag}_confusion.png"),
+                     f"{name}{tag.replace('_', ' ')}")
+    logging.info("eval %s%s: counting accuracy %.3f, MAE %.3f", name, tag,
+                 result["counting"]["accuracy"], result["counting"]["mae"])
+  return results
+
+
+def scalars(results: dict) -> dict:
+  """The headline numbers, flat, for metric writers."""
+  flat = {}
+  for name, result in results.items():
+    flat[f"{name}/count_accuracy"] = result["counting"]["accuracy"]
+    flat[f"{name}/count_mae"] = result["counting"]["mae"]
+    for key in ("color_accuracy", "shape_accuracy"):
+      if key in result:
+        flat[f"{name}/{key}"] = result[key]
+  return flat
+
+
+def evaluate_during_training(config, model, params, tokenizer, workdir, step) -> dict:
+  embedder = Embedder(model, params, tokenizer, config.eval.batch_size)
+  results = run(embedder, config.eval.datasets, workdir, tag=f"_step{step}",
+                synthetic_size=config.eval.size, countbench_source=config.eval.countbench_dir)
+  return scalars(results)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "A training run's workdir (its checkpoint).")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: newest).")
+_HF = flags.DEFINE_string("hf", None, "Or a Hugging Face CLIP: hub id, local or gs:// dir.")
+_DATA = flags.DEFINE_list("data", ["synthetic"], "Eval sets: synthetic, countbench.")
+_COUNTBENCH = flags.DEFINE_string("countbench", "", "CountBench cache dir or parquet.")
+_OUT = flags.DEFINE_string("out", None, "Where eval/ goes (default: the workdir, or ./runs/eval).")
+_SIZE = flags.DEFINE_integer("synthetic_size", 900, "Held-out synthetic images.")
+_BATCH = flags.DEFINE_integer("batch_size", 64, "Eval batch size.")
+
+
+def main(argv):
+  del argv
+  if bool(_WORKDIR.value) == bool(_HF.value):
+    raise app.UsageError("Pass exactly one of --workdir or --hf")
+  if _WORKDIR.value:
+    from countclip_jax.export import load_run  # pylint: disable=g-import-not-at-top
+    model, params, tokenizer = load_run(_WORKDIR.value, _STEP.value)
+  else:
+    from countclip_jax.models import load_pretrained  # pylint: disable=g-import-not-at-top
+    model, params = load_pretrained(_HF.value)
+    tokenizer = Tokenizer.from_pretrained(_HF.value, model.config.text.context_length)
+  out = _OUT.value or _WORKDIR.value or "runs/eval"
+  results = run(Embedder(model, params, tokenizer, _BATCH.value), _DATA.value, out,
+                tag=f"_step{_STEP.value}" if _STEP.value is not None else "",
+                synthetic_size=_SIZE.value, countbench_source=_COUNTBENCH.value)
+  print(json.dumps(scalars(results), indent=1))
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,104 @@
+"""evaluate.py: metrics on hand-made similarity matrices; skipped images; the eval run."""
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from countclip_jax import evaluate, models
+from countclip_jax.data import countbench
+from countclip_jax.text.tokenizer import build_tokenizer
+
+
+def one_hot_scores(predicted, candidates=evaluate.NUMBERS):
+  scores = np.zeros((len(predicted), len(candidates)))
+  for row, p in enumerate(predicted):
+    scores[row, list(candidates).index(p)] = 1.0
+  return scores
+
+
+def test_counting_metrics_known_confusion():
+  true = [2, 2, 3, 3, 10, 10]
+  predicted = [2, 3, 3, 3, 7, 10]
+  m = evaluate.counting_metrics(one_hot_scores(predicted), true, skipped=4)
+  assert m["accuracy"] == pytest.approx(4 / 6)
+  assert m["mae"] == pytest.approx((0 + 1 + 0 + 0 + 3 + 0) / 6)
+  assert m["per_number"]["2"] == 0.5 and m["per_number"]["3"] == 1.0
+  assert m["per_number"]["10"] == 0.5 and m["per_number"]["5"] is None
+  confusion = np.asarray(m["confusion"])
+  assert confusion.sum() == 6 and m["n"] == 6 and m["skipped"] == 4
+  assert confusion[0, 0] == 1 and confusion[0, 1] == 1  # true 2: once 2, once 3
+  assert confusion[8, 5] == 1 and confusion[8, 8] == 1  # true 10: once 7, once 10
+
+
+def test_zero_shot_and_retrieval_on_hand_made_embeddings():
+  eye = np.eye(4)
+  assert evaluate.zero_shot_accuracy(eye, eye, [0, 1, 2, 3]) == 1.0
+  assert evaluate.zero_shot_accuracy(eye, eye, [1, 1, 2, 3]) == 0.75
+  texts = eye[[0, 1, 3, 2]]  # pairs 2 and 3 swapped
+  r = evaluate.retrieval_recall(eye, texts, ks=(1, 2))
+  assert r["image_to_text_r@1"] == 0.5 and r["image_to_text_r@2"] == 1.0
+  assert r["text_to_image_r@1"] == 0.5
+
+
+def test_count_retrieval_precision():
+  # Images 0..3 show 2, 2, 3, 3 objects; the "two" prompt is closest to images 0 and 2.
+  image = np.eye(4)
+  prompts = np.zeros((2, 4))
+  prompts[0, [0, 2]] = [1.0, 0.9]
+  prompts[1, [2, 3]] = [1.0, 0.8]
+  r = evaluate.count_retrieval(image, prompts, [2, 2, 3, 3], candidates=(2, 3), k=2)
+  assert r["precision_at_k"] == {"2": 0.5, "3": 1.0}
+
+
+def test_confusion_plot_is_written(tmp_path):
+  m = evaluate.counting_metrics(one_hot_scores([2, 3, 4]), [2, 3, 5])
+  evaluate.plot_confusion(m, str(tmp_path / "c.png"), "test")
+  assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def embedder():
+  from countclip_jax.data import synthetic
+  tokenizer = build_tokenizer(synthetic.vocabulary() + [e.text for e in countbench.read_json()],
+                              context_length=16)
+  import dataclasses
+  arch = models.ARCHITECTURES["tiny"]
+  model = models.CLIP(dataclasses.replace(arch, text=dataclasses.replace(
+      arch.text, vocab_size=tokenizer.vocab_size, eos_token_id=tokenizer.eos_token_id)))
+  params = models.init_params(model, jax.random.key(0))
+  return evaluate.Embedder(model, params, tokenizer, batch_size=32)
+
+
+def test_synthetic_eval_writes_results(embedder, tmp_path):
+  results = evaluate.run(embedder, ["synthetic"], str(tmp_path), tag="_step7", synthetic_size=90)
+  saved = json.loads((tmp_path / "eval" / "synthetic_step7.json").read_text())
+  assert saved["counting"]["n"] == 90 and saved["counting"]["skipped"] == 0
+  assert (tmp_path / "eval" / "synthetic_step7_confusion.png").exists()
+  assert 0 <= saved["color_accuracy"] <= 1 and 0 <= saved["shape_accuracy"] <= 1
+  flat = evaluate.scalars(results)
+  assert set(flat) == {"synthetic/count_accuracy", "synthetic/count_mae",
+                       "synthetic/color_accuracy", "synthetic/shape_accuracy"}
+
+
+def test_countbench_eval_counts_skipped_images(embedder, tmp_path):
+  from PIL import Image
+  import io
+  entries = countbench.read_json()[:5]
+  good = io.BytesIO()
+  Image.new("RGB", (40, 30), (200, 10, 10)).save(good, format="JPEG")
+  examples = [countbench.Example(e.index, e.url, e.text, e.number,
+                                 image_bytes=good.getvalue() if i < 3 else b"\xff\xd8broken")
+              for i, e in enumerate(entries)]
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  table = pa.table({"image_url": [e.url for e in examples], "text": [e.text for e in examples],
+                    "number": [e.number for e in examples],
+                    "image": [{"bytes": e.image_bytes, "path": None} for e in examples]})
+  pq.write_table(table, tmp_path / "countbench.parquet")
+  results = evaluate.run(embedder, ["countbench"], str(tmp_path),
+                         countbench_source=str(tmp_path / "countbench.parquet"))
+  assert results["countbench"]["counting"]["n"] == 3
+  assert results["countbench"]["counting"]["skipped"] == 2
+  with pytest.raises(ValueError, match="needs a source"):
+    evaluate.run(embedder, ["countbench"], str(tmp_path))
