@@ -150,7 +150,8 @@ def test_counting_only_and_truncated_tar(tmp_path, webdataset_tar):
 
 def test_cli_and_refusing_to_overwrite(tmp_path, webdataset_tar, capsys):
   out = str(tmp_path / "out")
-  assert prepare.main(["--input", str(webdataset_tar), "--output_dir", out, "--num_shards", "1"]) == 0
+  argv = ["--input", str(webdataset_tar), "--output_dir", out, "--num_shards", "1"]
+  assert prepare.main(argv) == 0
   printed = capsys.readouterr().out
   assert "counting 2 (two 0, three 1, four 0, five 1" in printed and "bad image: 1" in printed
   with pytest.raises(FileExistsError, match="overwrite"):

@@ -1,0 +1,124 @@
+"""Input pipeline throughput: examples/s of data.pipeline against a plain PIL loop, same run.
+
+  python benchmarks/input_pipeline.py                      # records at 224 px + synthetic demo
+  taskset -c 0 python benchmarks/input_pipeline.py --threads 0   # one core
+
+"records": JPEG pairs written to ArrayRecord shards in a temp dir, then the training pipeline
+at --image_size (decode, resize + centre crop, normalise, counterfactual captions, tokenize),
+against a loop that only decodes and resizes the same JPEGs with PIL. The ratio is pipeline /
+loop: the price of everything the pipeline does beyond decode-and-resize (or, with threads,
+what they buy). "synthetic": the demo's pipeline (procedural world at 64 px, batch 128, p =
+0.25), which must keep up with ~2 steps/s (>= ~500 examples/s).
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+from PIL import Image
+
+# Runs as a script from anywhere: the repo root holds configs/ and the package.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from configs import common
+from countclip_jax.data import pipeline
+from countclip_jax.data import records
+from countclip_jax.data import synthetic
+from countclip_jax.text import tokenizer as tokenizer_lib
+# pylint: enable=g-import-not-at-top,wrong-import-position
+
+
+def make_jpegs(n: int, width: int, height: int) -> list[tuple[bytes, str, str]]:
+  """(JPEG bytes, caption with number, caption without) of n world scenes, width x height."""
+  world = synthetic.SyntheticCounting(synthetic.WorldConfig(image_size=max(width, height)),
+                                      size=n)
+  out = []
+  for i in range(n):
+    ex = world[i]
+    buffer = io.BytesIO()
+    Image.fromarray(ex["image"][:height, :width]).save(buffer, "JPEG", quality=90)
+    out.append((buffer.getvalue(), ex["caption_with_number"], ex["caption_without_number"]))
+  return out
+
+
+def pil_loop(jpegs: list[bytes], size: int, seconds: float) -> float:
+  """Examples/s of the plain baseline: decode, convert to RGB, bicubic resize to size x size."""
+  done, start = 0, time.perf_counter()
+  while time.perf_counter() - start < seconds:
+    for data in jpegs:
+      image = Image.open(io.BytesIO(data)).convert("RGB").resize((size, size), Image.BICUBIC)
+      np.asarray(image)
+    done += len(jpegs)
+  return done / (time.perf_counter() - start)
+
+
+def pipeline_rate(config, tokenizer, size: int, threads: int, seconds: float) -> float:
+  it = pipeline.train_iterator(config, tokenizer, size, process_index=0, process_count=1,
+                               num_threads=threads)
+  for _ in range(2):  # warm-up: thread pool, first reads
+    next(it)
+  done, start = 0, time.perf_counter()
+  while time.perf_counter() - start < seconds:
+    batch = next(it)
+    done += len(batch["count"]["text"]) + len(batch["general"]["text"])
+  return done / (time.perf_counter() - start)
+
+
+def bench_records(args) -> None:
+  pairs = make_jpegs(args.num_images, args.source_width, args.source_height)
+  with tempfile.TemporaryDirectory() as tmp:
+    for name, caption in (("counting", 1), ("general", 2)):
+      with records.ShardWriter(tmp, name, num_shards=4) as writer:
+        for i, pair in enumerate(pairs):
+          writer.write(pair[0], pair[caption], 2 + i % 9 if caption == 1 else 0)
+    config = common.base()
+    config.data.source = "records"
+    config.data.records.counting = os.path.join(tmp, "counting-*.array_record")
+    config.data.records.general = os.path.join(tmp, "general-*.array_record")
+    config.train.batch_size, config.count.fraction = args.batch_size, 0.25
+    config.count.num_counterfactuals = args.num_counterfactuals
+    tokenizer = tokenizer_lib.build_tokenizer(synthetic.vocabulary(), 77)
+    base = pil_loop([p[0] for p in pairs], args.image_size, args.seconds)
+    rate = pipeline_rate(config, tokenizer, args.image_size, args.threads, args.seconds)
+  print(f"records  {args.image_size}px from {args.source_width}x{args.source_height} JPEGs, "
+        f"batch {args.batch_size}, K={args.num_counterfactuals}, threads={args.threads}: "
+        f"pipeline {rate:.0f} ex/s, PIL decode+resize loop {base:.0f} ex/s, "
+        f"ratio {rate / base:.2f}")
+
+
+def bench_synthetic(args) -> None:
+  config = common.base()
+  config.train.batch_size, config.count.fraction = 128, 0.25
+  config.count.num_counterfactuals = args.num_counterfactuals
+  tokenizer = tokenizer_lib.build_tokenizer(synthetic.vocabulary(), 77)
+  rate = pipeline_rate(config, tokenizer, 64, args.threads, args.seconds)
+  print(f"synthetic 64px, batch 128, p=0.25, K={args.num_counterfactuals}, "
+        f"threads={args.threads}: pipeline {rate:.0f} ex/s")
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--source", choices=("records", "synthetic", "both"), default="both")
+  parser.add_argument("--image_size", type=int, default=224)
+  parser.add_argument("--source_width", type=int, default=384)
+  parser.add_argument("--source_height", type=int, default=288)
+  parser.add_argument("--num_images", type=int, default=256)
+  parser.add_argument("--batch_size", type=int, default=64)
+  parser.add_argument("--num_counterfactuals", type=int, default=1)
+  parser.add_argument("--threads", type=int, default=2, help="pipeline threads (0: main only)")
+  parser.add_argument("--seconds", type=float, default=5.0, help="per measurement")
+  args = parser.parse_args(argv)
+  if args.source in ("records", "both"):
+    bench_records(args)
+  if args.source in ("synthetic", "both"):
+    bench_synthetic(args)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

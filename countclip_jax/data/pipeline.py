@@ -1,0 +1,569 @@
+"""Input pipelines: grain datasets -> per-host batches -> global jax.Arrays; eval batches.
+
+A training batch (host-local numpy; B = train.batch_size, P processes, p = count.fraction,
+C = round(p B) / P counting rows, G = B / P - C general rows, K = count.num_counterfactuals,
+S = image size, L = tokenizer.context_length):
+  {"count":   {"image": float32 (C, S, S, 3), "text": int32 (C, L), "cf_text": int32 (C, K, L),
+               "number": int32 (C,), "cf_number": int32 (C, K)},
+   "general": {"image": float32 (G, S, S, 3), "text": int32 (G, L)}}
+Images are CLIP-normalised NHWC. `cf_text[i, k]` is `text[i]`'s caption with its number word
+swapped for `cf_number[i, k]`, never equal to `number[i]`: K = 1 draws one wrong number, K = 8
+takes all eight (ascending).
+
+The pipeline is a grain MapDataset end to end: this process's examples -> shuffle -> repeat
+(reshuffled each epoch) -> per-example random_map (image, counterfactual numbers) -> batch
+(stack + tokenize the whole batch at once). So batch i is a pure function of (config, process,
+i): the same seed gives the same batches, whatever the thread timing, and the iterator state is
+one index. Save and restore it with Orbax (CheckpointManager, item "data"):
+  manager.save(step, args=ocp.args.Composite(..., data=grain.checkpoint.CheckpointSave(it)))
+  manager.restore(step, args=ocp.args.Composite(..., data=grain.checkpoint.CheckpointRestore(it)))
+or by hand with `it.get_state()` (a small json-able dict) and `it.set_state(state)`.
+
+Sources (config.data.source): "synthetic" (both sets from the procedural world's train split,
+rendered at the model's size; counting rows say the number, general rows do not), "records"
+(data.records.counting / .general, written by data.prepare), "tfds" (general pairs from
+`tfds.data_source(data.tfds.name)`, counting pairs from data.records.counting). Each process
+reads every P-th example of each set (disjoint shards that cover the data). config.data.augment
+(random resized crop) applies to records and tfds images; the synthetic world is already random
+per example, and a crop could cut a counted object out. config.data.balance_numbers makes the
+numbers take turns in the counting rows (a uniform mix, each number reshuffled on its own).
+
+Eval: `synthetic_eval_dataset` / `countbench_eval_dataset` (random-access examples) and
+`eval_batches` (fixed-size batches, the last padded, with a `valid` mask).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import threading
+from typing import Any, Iterator, Sequence
+
+import grain
+import jax
+import numpy as np
+from absl import logging
+from PIL import Image
+
+from countclip_jax.data import images
+from countclip_jax.data import records
+from countclip_jax.data import synthetic
+from countclip_jax.text import numbers
+from countclip_jax.text import tokenizer as tokenizer_lib
+
+# The procedural world is fixed; train.seed changes the order and augmentation, not the world,
+# so held-out evals of runs with different seeds see the same images.
+WORLD_SEED = 0
+# A record whose image fails to decode at train time (prepare validated it; storage may not
+# have kept it) is replaced by the next one, at most this many times.
+MAX_BAD_IMAGES_IN_A_ROW = 16
+# HF fast tokenizers set truncation/padding on a shared Rust object per call: grain's threads
+# must not call one at the same time ("Already borrowed").
+_TOKENIZER_LOCK = threading.Lock()
+
+
+def split_sizes(batch_size: int, fraction: float, process_count: int = 1) -> tuple[int, int]:
+  """(counting rows, general rows) per process: round(p B) / P and (B - round(p B)) / P."""
+  if not 0 <= fraction <= 1:
+    raise ValueError(f"count.fraction must be in [0, 1], got {fraction}.")
+  if process_count < 1 or batch_size < 1 or batch_size % process_count:
+    raise ValueError(f"train.batch_size={batch_size} must be a positive multiple of the "
+                     f"process count {process_count}.")
+  count = round(fraction * batch_size)
+  general = batch_size - count
+  if count % process_count or general % process_count:
+    raise ValueError(f"round(count.fraction * train.batch_size) = round({fraction} * {batch_size})"
+                     f" = {count} counting and {general} general examples must each divide by "
+                     f"the process count {process_count}.")
+  return count // process_count, general // process_count
+
+
+def _num_counterfactuals(k) -> int:
+  if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= len(numbers.NUMBERS) - 1:
+    raise ValueError(f"count.num_counterfactuals must be an int in 1..{len(numbers.NUMBERS) - 1}"
+                     f" (1 = the paper, 8 = every wrong number), got {k!r}.")
+  return k
+
+
+def _process(process_index, process_count) -> tuple[int, int]:
+  index = jax.process_index() if process_index is None else process_index
+  count = jax.process_count() if process_count is None else process_count
+  if not 0 <= index < count:
+    raise ValueError(f"process_index must be in [0, process_count={count}), got {index}.")
+  return index, count
+
+
+def _seed(*entropy: int) -> int:
+  """A 32-bit seed (grain's range) for one stream: (train.seed, process, stream id)."""
+  return int(np.random.SeedSequence(list(entropy)).generate_state(1)[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources: random-access examples {"image", "caption", "number"}. "image" is a uint8 (S, S, 3)
+# array already at size (synthetic; only normalised) or a PIL image (resized, cropped, maybe
+# augmented). "number" is the stated count, 0 for general pairs.
+
+@dataclasses.dataclass
+class _Examples:
+  dataset: grain.MapDataset    # the examples of one set (all of them, or a process's shard)
+  numbers: np.ndarray          # int32 (len(dataset),), the count of each example (0: general)
+
+
+class _SyntheticExamples:
+  """The world's examples [start, stop) with the caption with or without the number."""
+
+  def __init__(self, world: synthetic.SyntheticCounting, start: int, stop: int, counting: bool):
+    self.world, self.start, self.stop, self.counting = world, start, stop, counting
+
+  def __len__(self) -> int:
+    return self.stop - self.start
+
+  def __getitem__(self, index: int) -> dict:
+    ex = self.world[self.start + index]
+    if self.counting:
+      return {"image": ex["image"], "caption": ex["caption_with_number"], "number": ex["count"]}
+    return {"image": ex["image"], "caption": ex["caption_without_number"], "number": 0}
+
+
+def synthetic_world(config, image_size: int, split: str = "train",
+                    size: int | None = None) -> synthetic.SyntheticCounting:
+  """The procedural world of config.data.synthetic at the model's image size."""
+  s = config.data.synthetic
+  world = synthetic.WorldConfig(image_size=image_size, distractor_prob=s.distractor_prob,
+                                textured_prob=s.textured_prob)
+  return synthetic.SyntheticCounting(world, split=split, seed=WORLD_SEED,
+                                     size=s.size if size is None else size)
+
+
+def _synthetic(config, image_size: int, counting: bool) -> _Examples:
+  # The train split is cut in two, the counting part in proportion p: the two sets never share
+  # an image (a shared one would be a false negative in the CLIP loss) and are used up at the
+  # same rate.
+  world = synthetic_world(config, image_size)
+  n, p = len(world), config.count.fraction
+  cut = n if p >= 1 else 0 if p <= 0 else min(max(round(n * p), 1), n - 1)
+  start, stop = (0, cut) if counting else (cut, n)
+  span = world.config.max_count - world.config.min_count + 1
+  counts = (world.config.min_count + np.arange(start, stop) % span if counting
+            else np.zeros(stop - start))
+  return _Examples(grain.MapDataset.source(_SyntheticExamples(world, start, stop, counting)),
+                   counts.astype(np.int32))
+
+
+class _DecodedRecords:
+  """ArrayRecord examples with decoded images; a bad image is replaced by the next record."""
+
+  def __init__(self, source, min_size: int):
+    self.source, self.min_size = source, min_size
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __getitem__(self, index: int) -> dict:
+    for i in range(index, index + MAX_BAD_IMAGES_IN_A_ROW):
+      record = records.decode(self.source[i % len(self)])
+      try:
+        image = images.decode(record["image"], min_size=self.min_size)
+      except images.BadImageError as e:
+        logging.warning("Skipping record %d (key %r): %s", i % len(self), record["key"], e)
+        continue
+      return {"image": image, "caption": record["caption"], "number": record["number"]}
+    raise images.BadImageError(f"{MAX_BAD_IMAGES_IN_A_ROW} bad images in a row from record "
+                               f"{index} on: are these ArrayRecord shards from data.prepare?")
+
+
+def _min_decode_size(image_size: int, augment: bool) -> int:
+  # As images.preprocess: JPEGs decode at reduced scale while a crop still has enough pixels.
+  return math.ceil(image_size / math.sqrt(images.CROP_SCALE[0])) if augment else image_size
+
+
+def _records(pattern: str, field: str, image_size: int, augment: bool) -> _Examples:
+  if not pattern:
+    raise ValueError(f"config.{field} is empty: give the ArrayRecord glob written by "
+                     "`python -m countclip_jax.data.prepare`.")
+  source, paths = records.data_source(pattern)
+  decoded = _DecodedRecords(source, _min_decode_size(image_size, augment))
+  return _Examples(grain.MapDataset.source(decoded), records.numbers(paths))
+
+
+class _TfdsExamples:
+  """tfds image-text examples: "image" (uint8 array or encoded bytes) and the first caption of
+  "caption", "text" or "captions"/"captions.text"."""
+
+  def __init__(self, source, name: str):
+    self.source, self.name = source, name
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __getitem__(self, index: int) -> dict:
+    ex = self.source[index]
+    image = ex["image"]
+    image = (images.decode(image) if isinstance(image, bytes)
+             else images.to_rgb(Image.fromarray(np.asarray(image).squeeze())))
+    caption = next((ex[k] for k in ("caption", "text", "captions") if k in ex), None)
+    if isinstance(caption, dict):
+      caption = caption.get("text")
+    if isinstance(caption, (list, tuple, np.ndarray)):
+      caption = caption[0] if len(caption) else ""
+    if isinstance(caption, (bytes, np.bytes_)):
+      caption = caption.decode("utf-8")
+    if not isinstance(caption, str):
+      raise ValueError(f"tfds {self.name} example {index} has no caption under 'caption', "
+                       f"'text' or 'captions'; its features are {sorted(ex)}.")
+    return {"image": image, "caption": caption, "number": 0}
+
+
+def _tfds(config) -> _Examples:
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  # slow; tfds only
+  name, split = config.data.tfds.name, config.data.tfds.split
+  if not name:
+    raise ValueError("config.data.source is 'tfds' but config.data.tfds.name is empty.")
+  source = tfds.data_source(name, split=split)
+  return _Examples(grain.MapDataset.source(_TfdsExamples(source, name)),
+                   np.zeros(len(source), np.int32))
+
+
+def _sources(config, image_size: int, need_count: bool, need_general: bool):
+  """(counting examples or None, general examples or None) for config.data.source."""
+  kind, augment = config.data.source, config.data.augment
+  if kind == "synthetic":
+    return (_synthetic(config, image_size, True) if need_count else None,
+            _synthetic(config, image_size, False) if need_general else None)
+  if kind not in ("records", "tfds"):
+    raise ValueError(f"config.data.source must be synthetic, records or tfds; got {kind!r}.")
+  count = (_records(config.data.records.counting, "data.records.counting", image_size, augment)
+           if need_count else None)
+  if not need_general:
+    return count, None
+  if kind == "tfds":
+    return count, _tfds(config)
+  return count, _records(config.data.records.general, "data.records.general", image_size, augment)
+
+
+# ---------------------------------------------------------------------------------------------
+# Example -> batch.
+
+def _shard(examples: _Examples, process_index: int, process_count: int) -> _Examples:
+  """This process's examples: every process_count-th, from process_index (disjoint, covering)."""
+  sl = slice(process_index, None, process_count)
+  return _Examples(examples.dataset[sl], examples.numbers[sl])
+
+
+class _Lookup:
+  """index -> dataset[index] (a class, not a lambda: grain pickles it for worker processes)."""
+
+  def __init__(self, dataset):
+    self.dataset = dataset
+
+  def __call__(self, index):
+    return self.dataset[int(index)]
+
+
+def _stream(examples: _Examples, seed: int, balance: bool, where: str) -> grain.MapDataset:
+  """An infinite, per-epoch reshuffled stream of `examples`; with `balance` the numbers take
+  turns (a uniform mix over the numbers present), each number reshuffled on its own."""
+  if len(examples.dataset) == 0:
+    raise ValueError(f"No {where} examples on this process (process shard of an empty or too "
+                     "small set).")
+  if not balance:
+    return examples.dataset.shuffle(seed).repeat()
+  present = sorted(set(examples.numbers.tolist()))
+  missing = sorted(set(numbers.NUMBERS) - set(present))
+  if missing:
+    logging.warning("Balanced sampling: no %s examples of %s on this process.", where, missing)
+  streams = [grain.MapDataset.source(np.flatnonzero(examples.numbers == n))
+             .shuffle((seed + i) % 2**32).repeat() for i, n in enumerate(present)]
+  return grain.MapDataset.mix(streams).map(_Lookup(examples.dataset))
+
+
+def _pixels(image, size: int, rng: np.random.Generator | None) -> np.ndarray:
+  if isinstance(image, np.ndarray):  # the synthetic world renders at the model's size
+    if image.shape != (size, size, 3):
+      raise ValueError(f"Synthetic image of shape {image.shape}, expected {(size, size, 3)}.")
+    return images.normalize(image)
+  return images.preprocess(image, size, rng=rng)
+
+
+def counterfactual_numbers(number: int, k: int, rng: np.random.Generator) -> np.ndarray:
+  """int32 (k,): k distinct numbers of two..ten other than `number` (all eight when k = 8)."""
+  wrong = [n for n in numbers.NUMBERS if n != number]
+  if k == len(wrong):
+    return np.asarray(wrong, np.int32)
+  return np.asarray(rng.choice(wrong, size=k, replace=False), np.int32)
+
+
+class _PrepareCounting:
+  def __init__(self, size: int, augment: bool, k: int):
+    self.size, self.augment, self.k = size, augment, k
+
+  def __call__(self, ex: dict, rng: np.random.Generator) -> dict:
+    number = int(ex["number"])
+    return {"image": _pixels(ex["image"], self.size, rng if self.augment else None),
+            "caption": ex["caption"], "number": number,
+            "cf_number": counterfactual_numbers(number, self.k, rng)}
+
+
+class _PrepareGeneral:
+  def __init__(self, size: int, augment: bool):
+    self.size, self.augment = size, augment
+
+  def __call__(self, ex: dict, rng: np.random.Generator) -> dict:
+    return {"image": _pixels(ex["image"], self.size, rng if self.augment else None),
+            "caption": ex["caption"]}
+
+
+def _full(ids: np.ndarray, tokenizer: tokenizer_lib.Tokenizer) -> np.ndarray:
+  """bool (N,): rows whose text filled the context (and may have been cut): eos last, a token
+  before it. Exact whether pad is eos (OpenAI's vocabulary) or not."""
+  eos = tokenizer.eos_token_id
+  return (ids[:, -1] == eos) & (ids[:, -2] != eos)
+
+
+def tokenize_counting(tokenizer: tokenizer_lib.Tokenizer, captions: Sequence[str],
+                      counts: Sequence[int], cf_numbers: np.ndarray
+                      ) -> tuple[np.ndarray, np.ndarray]:
+  """(text int32 (N, L), cf_text int32 (N, K, L)) for counting captions and their swaps.
+
+  A caption that (or one of whose swaps) fills the context is cut by `fit_caption` around its
+  number word first, so that truncation never removes the word the counting loss is about.
+  """
+  captions = list(captions)
+  n, k = cf_numbers.shape
+
+  def swaps(rows):
+    return [numbers.swap_count(captions[i], int(m), int(counts[i]))
+            for i in rows for m in cf_numbers[i]]
+
+  with _TOKENIZER_LOCK:
+    text, cf_text = tokenizer(captions), tokenizer(swaps(range(n))).reshape(n, k, -1)
+    cut = np.flatnonzero(_full(text, tokenizer) | _full(cf_text.reshape(n * k, -1), tokenizer)
+                         .reshape(n, k).any(1))
+    for i in cut:
+      try:
+        captions[i] = tokenizer_lib.fit_caption(tokenizer, captions[i], int(counts[i]))
+      except ValueError as e:  # the number word alone does not fit: keep plain truncation
+        logging.warning("Counting caption kept truncated: %s", e)
+    if len(cut):
+      text[cut] = tokenizer([captions[i] for i in cut])
+      cf_text[cut] = tokenizer(swaps(cut)).reshape(len(cut), k, -1)
+  return text, cf_text
+
+
+class _CountingBatch:
+  def __init__(self, tokenizer):
+    self.tokenizer = tokenizer
+
+  def __call__(self, examples: Sequence[dict]) -> dict:
+    counts = np.asarray([e["number"] for e in examples], np.int32)
+    cf_numbers = np.stack([e["cf_number"] for e in examples]).astype(np.int32)
+    text, cf_text = tokenize_counting(self.tokenizer, [e["caption"] for e in examples], counts,
+                                      cf_numbers)
+    return {"image": np.stack([e["image"] for e in examples]), "text": text, "cf_text": cf_text,
+            "number": counts, "cf_number": cf_numbers}
+
+
+class _GeneralBatch:
+  def __init__(self, tokenizer):
+    self.tokenizer = tokenizer
+
+  def __call__(self, examples: Sequence[dict]) -> dict:
+    with _TOKENIZER_LOCK:  # general captions: plain truncation to the context
+      text = self.tokenizer([e["caption"] for e in examples])
+    return {"image": np.stack([e["image"] for e in examples]), "text": text}
+
+
+def _empty(kind: str, size: int, k: int, length: int) -> dict:
+  image = np.zeros((0, size, size, 3), np.float32)
+  if kind == "general":
+    return {"image": image, "text": np.zeros((0, length), np.int32)}
+  return {"image": image, "text": np.zeros((0, length), np.int32),
+          "cf_text": np.zeros((0, k, length), np.int32), "number": np.zeros((0,), np.int32),
+          "cf_number": np.zeros((0, k), np.int32)}
+
+
+class _Combine:
+  """(counting batch, general batch) -> the batch dict; a missing side gets empty arrays."""
+
+  def __init__(self, empty_count: dict | None, empty_general: dict | None):
+    self.empty_count, self.empty_general = empty_count, empty_general
+
+  def __call__(self, parts) -> dict:
+    parts = list(parts) if isinstance(parts, tuple) else [parts]
+    count = self.empty_count if self.empty_count is not None else parts.pop(0)
+    general = self.empty_general if self.empty_general is not None else parts.pop(0)
+    return {"count": count, "general": general}
+
+
+def train_dataset(config, tokenizer: tokenizer_lib.Tokenizer, image_size: int, *,
+                  process_index: int | None = None, process_count: int | None = None
+                  ) -> grain.MapDataset:
+  """The infinite MapDataset of this process's training batches (see the module docstring)."""
+  process_index, process_count = _process(process_index, process_count)
+  c, g = split_sizes(config.train.batch_size, config.count.fraction, process_count)
+  k = _num_counterfactuals(config.count.num_counterfactuals)
+  count_examples, general_examples = _sources(config, image_size, c > 0, g > 0)
+  seed, augment = config.train.seed, config.data.augment
+  parts = []
+  if c:
+    stream = _stream(_shard(count_examples, process_index, process_count),
+                     _seed(seed, process_index, 0), config.data.balance_numbers, "counting")
+    parts.append(stream.random_map(_PrepareCounting(image_size, augment, k),
+                                   seed=_seed(seed, process_index, 1))
+                 .batch(c, batch_fn=_CountingBatch(tokenizer)))
+  if g:
+    stream = _stream(_shard(general_examples, process_index, process_count),
+                     _seed(seed, process_index, 2), False, "general")
+    parts.append(stream.random_map(_PrepareGeneral(image_size, augment),
+                                   seed=_seed(seed, process_index, 3))
+                 .batch(g, batch_fn=_GeneralBatch(tokenizer)))
+  length = tokenizer.context_length
+  combine = _Combine(None if c else _empty("count", image_size, k, length),
+                     None if g else _empty("general", image_size, k, length))
+  if len(parts) == 2:  # both infinite, but "infinite" batch counts differ: cut to the shorter
+    n = min(len(p) for p in parts)
+    return grain.experimental.ZipMapDataset(parents=[p[:n] for p in parts]).map(combine)
+  return parts[0].map(combine)
+
+
+def train_iterator(config, tokenizer: tokenizer_lib.Tokenizer, image_size: int, *,
+                   process_index: int | None = None, process_count: int | None = None,
+                   num_threads: int = 2) -> grain.DatasetIterator:
+  """An infinite iterator of this process's training batches, with get_state/set_state.
+
+  num_threads: batches prepared in parallel (and so ahead of the trainer); 0 = in the caller's
+  thread. With config.data.num_workers > 0, that many worker processes (each with these
+  threads) do it: grain's workers need absl flags parsed (absl.app.run does it), and
+  `it.close()` at the end stops them cleanly.
+  """
+  ds = train_dataset(config, tokenizer, image_size, process_index=process_index,
+                     process_count=process_count)
+  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
+                                            prefetch_buffer_size=num_threads))
+  if config.data.num_workers:
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.data.num_workers))
+  return iter(ds)
+
+
+def global_batch(batch, sharding) -> Any:
+  """Host-local numpy batch -> the same tree of global jax.Arrays (leading dims × processes).
+
+  sharding: one jax.sharding.Sharding for every leaf, or a tree of them that is a prefix of
+  `batch` (e.g. {"count": s1, "general": s2}). Leaves must be numeric (drop eval strings first).
+  """
+  def place(path, s, x):
+    try:
+      return jax.make_array_from_process_local_data(s, x)
+    except Exception as e:
+      raise ValueError(f"Cannot place batch leaf {jax.tree_util.keystr(path)} of local shape "
+                       f"{np.shape(x)} with {s}: {e}") from e
+
+  is_sharding = lambda x: isinstance(x, jax.sharding.Sharding)
+  if is_sharding(sharding):
+    return jax.tree_util.tree_map_with_path(lambda p, x: place(p, sharding, x), batch)
+  return jax.tree_util.tree_map_with_path(
+      lambda p, s, sub: jax.tree_util.tree_map_with_path(
+          lambda q, x: place(p + q, s, x), sub), sharding, batch, is_leaf=is_sharding)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation.
+
+class _SyntheticEval:
+  def __init__(self, world, image_size):
+    self.world, self.image_size = world, image_size
+
+  def __len__(self) -> int:
+    return len(self.world)
+
+  def __getitem__(self, index: int) -> dict:
+    ex = self.world[index]
+    return {"image": _pixels(ex["image"], self.image_size, None), "number": ex["count"],
+            "color": ex["color"], "shape": ex["shape"], "caption": ex["caption_with_number"],
+            "valid": True}
+
+
+def synthetic_eval_dataset(config, image_size: int, split: str = "heldout",
+                           size: int | None = None) -> grain.MapDataset:
+  """Random-access eval examples of the world (default size: config.eval.size), each
+  {"image": float32 (S, S, 3) normalised, "number": int32 count, "color": str, "shape": str,
+   "caption": str (with the number word), "valid": True}."""
+  world = synthetic_world(config, image_size, split, config.eval.size if size is None else size)
+  return grain.MapDataset.source(_SyntheticEval(world, image_size))
+
+
+class _CountBenchEval:
+  def __init__(self, examples, image_size):
+    self.examples, self.image_size = examples, image_size
+
+  def __len__(self) -> int:
+    return len(self.examples)
+
+  def __getitem__(self, index: int) -> dict:
+    ex = self.examples[index]
+    try:
+      image, valid = images.preprocess(ex.read(), self.image_size), True
+    except (images.BadImageError, OSError, ValueError) as e:
+      logging.warning("CountBench example %d (%s) has no usable image: %s", ex.index, ex.url, e)
+      image, valid = np.zeros((self.image_size, self.image_size, 3), np.float32), False
+    return {"image": image, "number": np.int32(ex.number), "caption": ex.text,
+            "index": np.int32(ex.index), "valid": valid}
+
+
+def countbench_eval_dataset(source: str, image_size: int) -> tuple[grain.MapDataset, int]:
+  """(CountBench examples, number without an image) from data/countbench.py's cache or parquet.
+
+  Each example: {"image": float32 (S, S, 3), "number": int32, "caption": str, "index": int32
+  (CountBench entry), "valid": bool (False when the cached image does not decode)}.
+  """
+  from countclip_jax.data import countbench  # pylint: disable=g-import-not-at-top
+  examples, missing = countbench.load_examples(source)
+  return grain.MapDataset.source(_CountBenchEval(examples, image_size)), missing
+
+
+class _EvalRows:
+  """Row j of this process's padded eval shard -> example (or padding, valid False).
+
+  Global batch b holds examples [b B, (b + 1) B) in order; process p holds rows
+  [p B/P, (p + 1) B/P) of it, so global arrays list the examples in dataset order.
+  """
+
+  def __init__(self, dataset, batch_size: int, process_index: int, process_count: int):
+    self.dataset = dataset
+    self.batch_size, self.local = batch_size, batch_size // process_count
+    self.process_index = process_index
+    self.num_batches = math.ceil(len(dataset) / batch_size)
+    first = dataset[0]
+    self.padding = {k: np.zeros_like(np.asarray(v)) for k, v in first.items()}
+    self.padding["valid"] = np.bool_(False)
+
+  def __len__(self) -> int:
+    return self.num_batches * self.local
+
+  def __getitem__(self, j: int) -> dict:
+    b, r = divmod(j, self.local)
+    g = b * self.batch_size + self.process_index * self.local + r
+    if g >= len(self.dataset):
+      return {**self.padding, "example": np.int32(-1)}
+    ex = self.dataset[g]
+    return {**ex, "valid": np.bool_(ex.get("valid", True)), "example": np.int32(g)}
+
+
+def eval_batches(dataset, batch_size: int, *, process_index: int | None = None,
+                 process_count: int | None = None, num_threads: int = 2) -> Iterator[dict]:
+  """Fixed-size eval batches of a random-access dataset of dicts, the last one padded.
+
+  batch_size is global: each process yields ceil(N / batch_size) batches of batch_size / P
+  rows, the same number on every process. Each batch holds the dataset's fields stacked
+  (leading dim batch_size / P) plus "valid": bool (False for padding and for examples whose
+  own "valid" is False) and "example": int32 (index in `dataset`, -1 for padding).
+  """
+  process_index, process_count = _process(process_index, process_count)
+  if batch_size < 1 or batch_size % process_count:
+    raise ValueError(f"eval batch_size={batch_size} must be a positive multiple of the process "
+                     f"count {process_count}.")
+  if len(dataset) == 0:
+    return iter(())
+  rows = _EvalRows(dataset, batch_size, process_index, process_count)
+  ds = grain.MapDataset.source(rows).batch(rows.local)
+  return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
+                                                   prefetch_buffer_size=num_threads)))

@@ -1,0 +1,322 @@
+"""Input pipeline: the batch contract, counterfactuals, determinism, resumable state, process
+shards, balanced sampling, global arrays and eval batches."""
+import collections
+import io
+
+import grain
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from configs import common
+from countclip_jax.data import images
+from countclip_jax.data import pipeline
+from countclip_jax.data import records
+from countclip_jax.data import synthetic
+from countclip_jax.text import numbers
+from countclip_jax.text.tokenizer import build_tokenizer
+
+SIZE = 48  # the synthetic world cannot place ten objects at 32 px (it raises)
+LENGTH = 16
+
+
+@pytest.fixture(scope="module")
+def tok():
+  return build_tokenizer(synthetic.vocabulary() + ["cats", "dogs", "photo", "of", "id"], LENGTH)
+
+
+def config(**overrides):
+  c = common.base()
+  c.train.batch_size, c.count.fraction, c.data.synthetic.size = 16, 0.25, 200
+  for key, value in overrides.items():
+    section, field = key.split("__")
+    c[section][field] = value
+  return c
+
+
+def take(iterator, n):
+  return [next(iterator) for _ in range(n)]
+
+
+def assert_same_batches(a, b):
+  for x, y in zip(a, b):
+    jax.tree.map(np.testing.assert_array_equal, x, y)
+
+
+def pixels(image):
+  """Undo CLIP normalisation: uint8-valued float pixels."""
+  return (image * images.CLIP_STD + images.CLIP_MEAN) * 255
+
+
+def test_split_sizes():
+  assert pipeline.split_sizes(128, 0.25) == (32, 96)
+  assert pipeline.split_sizes(128, 0.25, process_count=4) == (8, 24)
+  assert pipeline.split_sizes(8, 0.0, 2) == (0, 4) and pipeline.split_sizes(8, 1.0, 2) == (4, 0)
+  with pytest.raises(ValueError, match=r"count.fraction must be in \[0, 1\]"):
+    pipeline.split_sizes(8, 1.5)
+  with pytest.raises(ValueError, match="multiple of the process count 3"):
+    pipeline.split_sizes(8, 0.5, 3)
+  with pytest.raises(ValueError, match="= 3 counting and 9 general .* process count 2"):
+    pipeline.split_sizes(12, 0.25, 2)
+
+
+@pytest.mark.parametrize("k", [0, 9, -1])
+def test_num_counterfactuals_validated(tok, k):
+  with pytest.raises(ValueError, match="num_counterfactuals"):
+    pipeline.train_dataset(config(count__num_counterfactuals=k), tok, SIZE,
+                           process_index=0, process_count=1)
+
+
+@pytest.mark.parametrize("k", [1, 8])
+def test_batch_contract_and_counterfactuals(tok, k):
+  c = config(count__num_counterfactuals=k)
+  batches = take(pipeline.train_iterator(c, tok, SIZE, process_index=0, process_count=1), 3)
+  shapes = jax.tree.map(lambda x: (x.shape, x.dtype), batches[0])
+  assert shapes == {
+      "count": {"image": ((4, SIZE, SIZE, 3), np.float32), "text": ((4, LENGTH), np.int32),
+                "cf_text": ((4, k, LENGTH), np.int32), "number": ((4,), np.int32),
+                "cf_number": ((4, k), np.int32)},
+      "general": {"image": ((12, SIZE, SIZE, 3), np.float32), "text": ((12, LENGTH), np.int32)}}
+  for b in batches:
+    count, general = b["count"], b["general"]
+    assert (count["cf_number"] != count["number"][:, None]).all()
+    assert np.isin(count["cf_number"], numbers.NUMBERS).all()
+    for row in count["cf_number"]:
+      assert len(set(row)) == k
+    captions = tok.hf.batch_decode(count["text"], skip_special_tokens=True)
+    for i, caption in enumerate(captions):
+      assert numbers.parse_count(caption) == count["number"][i]
+      swaps = [numbers.swap_count(caption, int(n)) for n in count["cf_number"][i]]
+      np.testing.assert_array_equal(count["cf_text"][i], tok(swaps))
+    for caption in tok.hf.batch_decode(general["text"], skip_special_tokens=True):
+      assert caption and not numbers.find_numbers(caption)
+    for image in (count["image"], general["image"]):  # normalised uint8 renders
+      np.testing.assert_allclose(pixels(image), np.round(pixels(image)), atol=1e-3)
+      assert (np.round(pixels(image)) >= 0).all() and (np.round(pixels(image)) <= 255).all()
+  if k == 8:
+    np.testing.assert_array_equal(np.sort(batches[0]["count"]["cf_number"], 1),
+                                  batches[0]["count"]["cf_number"])
+
+
+@pytest.mark.parametrize("fraction,c,g", [(0.0, 0, 16), (1.0, 16, 0)])
+def test_one_sided_batches_keep_their_shapes(tok, fraction, c, g):
+  c_config = config(count__fraction=fraction, count__num_counterfactuals=8)
+  b = next(pipeline.train_iterator(c_config, tok, SIZE, process_index=0, process_count=1))
+  assert b["count"]["image"].shape == (c, SIZE, SIZE, 3) and b["count"]["text"].shape == (c, LENGTH)
+  assert b["count"]["cf_text"].shape == (c, 8, LENGTH) and b["count"]["cf_number"].shape == (c, 8)
+  assert b["general"]["image"].shape == (g, SIZE, SIZE, 3)
+  assert b["general"]["text"].shape == (g, LENGTH) and b["general"]["text"].dtype == np.int32
+
+
+def test_same_seed_same_batches_other_seed_other_batches(tok):
+  def first(seed, threads):
+    it = pipeline.train_iterator(config(train__seed=seed), tok, SIZE, process_index=0,
+                                 process_count=1, num_threads=threads)
+    return take(it, 3)
+  a = first(0, 0)
+  assert_same_batches(a, first(0, 4))  # thread timing does not matter
+  other = first(1, 2)
+  assert not np.array_equal(a[0]["general"]["image"], other[0]["general"]["image"])
+
+
+def test_state_restores_the_identical_continuation(tok, tmp_path):
+  # 40 general examples, 12 per batch: the continuation crosses into the (reshuffled) epoch 2.
+  c = config(count__fraction=0.25, data__synthetic=dict(size=50, distractor_prob=0.3,
+                                                          textured_prob=0.5))
+  it = pipeline.train_iterator(c, tok, SIZE, process_index=0, process_count=1)
+  take(it, 3)
+  state = it.get_state()
+  expected = take(it, 4)
+
+  fresh = pipeline.train_iterator(c, tok, SIZE, process_index=0, process_count=1)
+  fresh.set_state(state)
+  assert_same_batches(take(fresh, 4), expected)
+
+  # The same through Orbax, as the trainer saves it next to the train state.
+  it = pipeline.train_iterator(c, tok, SIZE, process_index=0, process_count=1)
+  take(it, 3)
+  with ocp.CheckpointManager(tmp_path / "ckpt") as manager:
+    manager.save(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
+    manager.wait_until_finished()
+  take(it, 2)  # the saved iterator moves on; the checkpoint does not
+  fresh = pipeline.train_iterator(c, tok, SIZE, process_index=0, process_count=1)
+  with ocp.CheckpointManager(tmp_path / "ckpt") as manager:
+    restored = manager.restore(3, args=ocp.args.Composite(
+        data=grain.checkpoint.CheckpointRestore(fresh)))
+  assert_same_batches(take(restored["data"], 4), expected)
+
+
+def png(value):
+  buffer = io.BytesIO()
+  Image.new("RGB", (40, 30), (value, 255 - value, 0)).save(buffer, "PNG")
+  return buffer.getvalue()
+
+
+def write_records(path, name, ids, number_of):
+  with records.ShardWriter(str(path), name, num_shards=3) as writer:
+    for i in ids:
+      n = number_of(i)
+      caption = f"a photo of {numbers.NUMBER_WORDS[n]} cats" if n else "a photo of dogs"
+      writer.write(png(i), caption, n, key=str(i))
+  return str(path / f"{name}-*.array_record")
+
+
+def ids_of(image_batch):
+  """Each record's image is one colour whose red channel is its id."""
+  return np.round(pixels(image_batch)[:, SIZE // 2, SIZE // 2, 0]).astype(int).tolist()
+
+
+@pytest.fixture
+def records_config(tmp_path):
+  c = config(data__source="records", train__batch_size=8, count__fraction=0.5,
+             data__balance_numbers=False)
+  c.data.records.counting = write_records(tmp_path, "counting", range(24), lambda i: 2 + i % 9)
+  c.data.records.general = write_records(tmp_path, "general", range(100, 124), lambda i: 0)
+  return c
+
+
+def test_process_shards_are_disjoint_and_cover_the_data(tok, records_config):
+  # 2 processes x 12 examples per set x 2 rows per batch: 6 batches are exactly one epoch.
+  seen = {"count": [], "general": []}
+  for process in range(2):
+    batches = take(pipeline.train_iterator(records_config, tok, SIZE, process_index=process,
+                                           process_count=2), 6)
+    for part in seen:
+      ids = sum((ids_of(b[part]["image"]) for b in batches), [])
+      assert len(ids) == len(set(ids)) == 12  # one epoch: each local example once
+      seen[part].append(set(ids))
+  for part, want in (("count", set(range(24))), ("general", set(range(100, 124)))):
+    assert not seen[part][0] & seen[part][1]
+    assert seen[part][0] | seen[part][1] == want
+  b = next(pipeline.train_iterator(records_config, tok, SIZE, process_index=0, process_count=1))
+  for i, n in zip(ids_of(b["count"]["image"]), b["count"]["number"]):
+    assert n == 2 + i % 9  # the record's number travels with its image
+
+
+def test_records_augmentation_is_deterministic(tok, records_config):
+  records_config.data.augment = True
+  a = take(pipeline.train_iterator(records_config, tok, SIZE, process_index=0,
+                                   process_count=1), 2)
+  assert_same_batches(a, take(pipeline.train_iterator(records_config, tok, SIZE,
+                                                      process_index=0, process_count=1), 2))
+
+
+def test_balanced_sampling_over_numbers(tok, tmp_path):
+  c = config(data__source="records", train__batch_size=36, count__fraction=1.0)
+  # 60 "two", 3 or 4 of each other number: balanced, each number is served 1/9 of the time.
+  c.data.records.counting = write_records(
+      tmp_path, "counting", range(87), lambda i: 2 if i < 60 else 3 + (i - 60) % 8)
+  for balance, check in ((True, lambda h: set(h.values()) == {16}),
+                         (False, lambda h: h[2] > 80)):
+    c.data.balance_numbers = balance
+    it = pipeline.train_iterator(c, tok, SIZE, process_index=0, process_count=1)
+    histogram = collections.Counter(sum((b["count"]["number"].tolist() for b in take(it, 4)), []))
+    assert check(histogram), (balance, histogram)
+
+
+def test_long_counting_captions_keep_their_number_word(tok):
+  caption = "a photo of cats " * 6 + "and three dogs"
+  text, cf_text = pipeline.tokenize_counting(tok, [caption, "two cats"], [3, 2],
+                                             np.array([[5], [9]]))
+  decoded = tok.hf.batch_decode(text, skip_special_tokens=True)
+  assert "three dogs" in decoded[0] and decoded[1] == "two cats"
+  assert "five dogs" in tok.hf.decode(cf_text[0, 0], skip_special_tokens=True)
+  assert tok.hf.decode(cf_text[1, 0], skip_special_tokens=True) == "nine cats"
+
+
+def test_source_errors_name_the_config_field(tok):
+  with pytest.raises(ValueError, match="config.data.records.counting is empty"):
+    pipeline.train_dataset(config(data__source="records"), tok, SIZE, process_index=0,
+                           process_count=1)
+  with pytest.raises(ValueError, match="synthetic, records or tfds"):
+    pipeline.train_dataset(config(data__source="laion"), tok, SIZE, process_index=0,
+                           process_count=1)
+
+
+def test_tfds_general_pairs_from_a_fake_data_source(tok, records_config, monkeypatch):
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  fake = [{"image": np.full((20, 24, 3), 10 * i, np.uint8),
+           "captions": {"text": np.array([f"a photo of dogs {i}".encode(), b"second"])}}
+          for i in range(1, 9)]
+  calls = []
+  monkeypatch.setattr(tfds, "data_source",
+                      lambda name, split: calls.append((name, split)) or fake)
+  records_config.data.source = "tfds"
+  records_config.data.tfds.name, records_config.data.tfds.split = "fake_captions", "train[:8]"
+  b = next(pipeline.train_iterator(records_config, tok, SIZE, process_index=0, process_count=1))
+  assert calls == [("fake_captions", "train[:8]")]
+  values = np.round(pixels(b["general"]["image"])[:, 5, 5, 0]).astype(int)
+  assert set(values) <= set(range(10, 90, 10)) and len(set(values)) == 4
+  for caption in tok.hf.batch_decode(b["general"]["text"], skip_special_tokens=True):
+    assert caption.startswith("a photo of dogs")
+
+
+def test_global_batch_places_the_local_batch(tok):
+  mesh = jax.make_mesh((8,), ("data",))
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  c = config(train__batch_size=64, count__fraction=0.125)  # 8 counting rows, 56 general
+  local = next(pipeline.train_iterator(c, tok, SIZE, process_index=0, process_count=1))
+  placed = pipeline.global_batch(local, sharding)
+  jax.tree.map(np.testing.assert_array_equal, placed, local)
+  assert placed["count"]["cf_text"].sharding == sharding
+  assert len(placed["general"]["image"].addressable_shards) == 8
+  # A prefix tree of shardings, and an empty side (p = 0).
+  empty = next(pipeline.train_iterator(config(train__batch_size=64, count__fraction=0.0), tok,
+                                       SIZE, process_index=0, process_count=1))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  placed = pipeline.global_batch(empty, {"count": replicated, "general": sharding})
+  assert placed["count"]["image"].shape == (0, SIZE, SIZE, 3)
+  assert placed["general"]["text"].sharding == sharding
+  with pytest.raises(ValueError, match=r"\['general'\]\['text'\] of local shape \(5, 16\)"):
+    pipeline.global_batch({"general": {"text": np.zeros((5, LENGTH), np.int32)}}, sharding)
+
+
+def test_eval_batches_pad_and_keep_dataset_order():
+  dataset = grain.MapDataset.source([{"number": np.int32(i), "name": f"ex{i}"} for i in range(10)])
+  per_process = [list(pipeline.eval_batches(dataset, 4, process_index=p, process_count=2))
+                 for p in range(2)]
+  assert [len(batches) for batches in per_process] == [3, 3]
+  examples, valid = [], []
+  for b0, b1 in zip(*per_process):  # a global batch is process 0's rows, then process 1's
+    for b in (b0, b1):
+      assert b["number"].shape == (2,) and b["valid"].dtype == bool
+      examples += b["example"].tolist()
+      valid += b["valid"].tolist()
+  assert examples == list(range(10)) + [-1, -1] and valid == [True] * 10 + [False] * 2
+  assert per_process[1][-1]["name"].tolist() == ["", ""]
+  with pytest.raises(ValueError, match="multiple of the process count 3"):
+    pipeline.eval_batches(dataset, 4, process_index=0, process_count=3)
+
+
+def test_synthetic_eval_dataset():
+  c = config()
+  held = pipeline.synthetic_eval_dataset(c, SIZE, size=20)
+  train = pipeline.synthetic_eval_dataset(c, SIZE, split="train", size=20)
+  assert len(held) == 20
+  ex = held[3]
+  assert ex["image"].shape == (SIZE, SIZE, 3) and ex["image"].dtype == np.float32
+  assert ex["number"] == 2 + 3 % 9 and ex["color"] in synthetic.COLORS
+  assert ex["shape"] in synthetic.SHAPES and numbers.parse_count(ex["caption"]) == ex["number"]
+  assert not np.array_equal(ex["image"], train[3]["image"])
+  batches = list(pipeline.eval_batches(held, 8, process_index=0, process_count=1))
+  assert [b["image"].shape[0] for b in batches] == [8, 8, 8]
+  assert sum(b["valid"].sum() for b in batches) == 20
+
+
+def test_countbench_eval_dataset_marks_bad_images(tmp_path):
+  buffer = io.BytesIO()
+  Image.new("RGB", (50, 40), "red").save(buffer, "JPEG")
+  pq.write_table(pa.table({
+      "image_url": ["u0", "u1", "u2"], "text": ["two cats", "three dogs", "four birds"],
+      "number": [2, 3, 4],
+      "image": [{"bytes": buffer.getvalue(), "path": None}, {"bytes": b"junk", "path": None},
+                {"bytes": None, "path": None}]}), tmp_path / "countbench.parquet")
+  dataset, missing = pipeline.countbench_eval_dataset(str(tmp_path / "countbench.parquet"), SIZE)
+  assert missing == 1 and len(dataset) == 2
+  good, bad = dataset[0], dataset[1]
+  assert good["valid"] and good["number"] == 2 and good["image"].shape == (SIZE, SIZE, 3)
+  assert not bad["valid"] and bad["number"] == 3 and not bad["image"].any()
