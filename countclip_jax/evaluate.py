@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
+
+FLAGS = flags.FLAGS
 from etils import epath
 
 from countclip_jax.data import images as image_lib
@@ -270,33 +272,31 @@ def evaluate_during_training(config, model, params, tokenizer, workdir, step) ->
 
 # ----------------------------------------------------------------------------- CLI
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A training run's workdir (its checkpoint).")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: newest).")
-_HF = flags.DEFINE_string("hf", None, "Or a Hugging Face CLIP: hub id, local or gs:// dir.")
-_DATA = flags.DEFINE_list("data", ["synthetic"], "Eval sets: synthetic, countbench.")
-_COUNTBENCH = flags.DEFINE_string("countbench", "", "CountBench cache dir or parquet.")
-_OUT = flags.DEFINE_string("out", None, "Where eval/ goes (default: the workdir, or ./runs/eval).")
-_SIZE = flags.DEFINE_integer("synthetic_size", 900, "Held-out synthetic images.")
-_BATCH = flags.DEFINE_integer("batch_size", 64, "Eval batch size.")
-
-
 def main(argv):
   del argv
-  if bool(_WORKDIR.value) == bool(_HF.value):
+  if bool(FLAGS.workdir) == bool(FLAGS.hf):
     raise app.UsageError("Pass exactly one of --workdir or --hf")
-  if _WORKDIR.value:
+  if FLAGS.workdir:
     from countclip_jax.export import load_run  # pylint: disable=g-import-not-at-top
-    model, params, tokenizer = load_run(_WORKDIR.value, _STEP.value)
+    model, params, tokenizer = load_run(FLAGS.workdir, FLAGS.step)
   else:
     from countclip_jax.models import load_pretrained  # pylint: disable=g-import-not-at-top
-    model, params = load_pretrained(_HF.value)
-    tokenizer = Tokenizer.from_pretrained(_HF.value, model.config.text.context_length)
-  out = _OUT.value or _WORKDIR.value or "runs/eval"
-  results = run(Embedder(model, params, tokenizer, _BATCH.value), _DATA.value, out,
-                tag=f"_step{_STEP.value}" if _STEP.value is not None else "",
-                synthetic_size=_SIZE.value, countbench_source=_COUNTBENCH.value)
+    model, params = load_pretrained(FLAGS.hf)
+    tokenizer = Tokenizer.from_pretrained(FLAGS.hf, model.config.text.context_length)
+  out = FLAGS.out or FLAGS.workdir or "runs/eval"
+  results = run(Embedder(model, params, tokenizer, FLAGS.batch_size), FLAGS.data, out,
+                tag=f"_step{FLAGS.step}" if FLAGS.step is not None else "",
+                synthetic_size=FLAGS.synthetic_size, countbench_source=FLAGS.countbench)
   print(json.dumps(scalars(results), indent=1))
 
 
 if __name__ == "__main__":
+  flags.DEFINE_string("workdir", None, "A training run's workdir (its checkpoint).")
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: newest).")
+  flags.DEFINE_string("hf", None, "Or a Hugging Face CLIP: hub id, local or gs:// dir.")
+  flags.DEFINE_list("data", ["synthetic"], "Eval sets: synthetic, countbench.")
+  flags.DEFINE_string("countbench", "", "CountBench cache dir or parquet.")
+  flags.DEFINE_string("out", None, "Where eval/ goes (default: the workdir, or ./runs/eval).")
+  flags.DEFINE_integer("synthetic_size", 900, "Held-out synthetic images.")
+  flags.DEFINE_integer("batch_size", 64, "Eval batch size.")
   app.run(main)

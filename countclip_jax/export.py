@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 
 from absl import app, flags, logging
+
+FLAGS = flags.FLAGS
 from etils import epath
 
 from countclip_jax import checkpoints
@@ -54,17 +56,15 @@ def export(workdir: str, out: str, step: int | None = None) -> None:
   logging.info("Exported %s to %s", workdir, out)
 
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of a training run (local or gs://).")
-_OUT = flags.DEFINE_string("out", None, "Output directory (local or gs://).")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
-
-
 def main(argv):
   del argv
-  export(_WORKDIR.value, _OUT.value, _STEP.value)
-  print(f"Exported {_WORKDIR.value} -> {_OUT.value}")
+  export(FLAGS.workdir, FLAGS.out, FLAGS.step)
+  print(f"Exported {FLAGS.workdir} -> {FLAGS.out}")
 
 
 if __name__ == "__main__":
+  flags.DEFINE_string("workdir", None, "Workdir of a training run (local or gs://).")
+  flags.DEFINE_string("out", None, "Output directory (local or gs://).")
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
   flags.mark_flags_as_required(["workdir", "out"])
   app.run(main)

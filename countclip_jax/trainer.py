@@ -238,7 +238,7 @@ def make_train_step(model: CLIP, tx, schedule, config, mesh, shardings: TrainSta
         nonfinite=jnp.where(finite, 0, state.nonfinite + 1),
         skipped=state.skipped + (~finite).astype(jnp.int32))
     metrics = {**metrics, "grad_norm": grad_norm, "lr": schedule(state.step),
-               "skipped": (~finite).astype(jnp.float32)}
+               "skipped": (~finite).astype(jnp.float32), "nonfinite_run": new_state.nonfinite}
     return new_state, metrics
 
   return jax.jit(step, in_shardings=(shardings, batch_shardings(mesh)),
@@ -362,7 +362,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         raise FloatingPointError(
             f"{t.max_nonfinite} consecutive non-finite losses before step {step}; stopping "
             f"with the last good checkpoint in {checkpoints.checkpoint_dir(str(workdir))}")
-      previous_nonfinite = state.nonfinite
+      previous_nonfinite = metrics["nonfinite_run"]  # (state's own buffer is donated)
       if step % t.log_every == 0 or step == t.steps:
         now = time.perf_counter()
         last_logged = {k: float(v) for k, v in jax.device_get(metrics).items()}
