@@ -62,7 +62,10 @@ _TOKENIZER_LOCK = threading.Lock()
 
 
 def split_sizes(batch_size: int, fraction: float, process_count: int = 1) -> tuple[int, int]:
-  """(counting rows, general rows) per process: round(p B) / P and (B - round(p B)) / P."""
+  """(counting rows, general rows) per process: round(p B) / P and (B - round(p B)) / P.
+
+  Python's round (half to even: round(0.25 * 10) = 2), so the trainer can recompute it.
+  """
   if not 0 <= fraction <= 1:
     raise ValueError(f"count.fraction must be in [0, 1], got {fraction}.")
   if process_count < 1 or batch_size < 1 or batch_size % process_count:

@@ -23,7 +23,6 @@ import argparse
 import collections
 import concurrent.futures
 import dataclasses
-import io
 import itertools
 import json
 import os
