@@ -261,7 +261,7 @@ class VisionEmbeddings(nn.Module):
                       padding="VALID", use_bias=False, name="patch_embedding", dtype=self.dtype,
                       param_dtype=self.param_dtype,
                       kernel_init=_init(0.02, (None, None, None, "embed")))(pixels)
-    patches = patches.reshape(patches.shape[0], -1, c.width)
+    patches = patches.reshape(patches.shape[0], c.num_patches, c.width)  # (B may be 0)
     cls = self.param("class_embedding", _init(c.width ** -0.5, ("embed",)), (c.width,),
                      self.param_dtype)
     cls = jnp.broadcast_to(cls.astype(patches.dtype), (patches.shape[0], 1, c.width))
