@@ -1,0 +1,1 @@
+"""Scripts that run countclip-jax on Cloud TPU VM slices; see launch/README.md."""
