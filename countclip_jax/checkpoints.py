@@ -8,6 +8,7 @@ resumes from the newest checkpoint and sees the same data it would have seen.
 """
 from __future__ import annotations
 
+import os
 import signal
 import threading
 
@@ -26,6 +27,9 @@ MODEL_CONFIG = "model_config.json"
 
 
 def checkpoint_dir(workdir: str) -> epath.Path:
+  workdir = str(workdir)
+  if "://" not in workdir:  # Orbax wants absolute local paths
+    workdir = os.path.abspath(workdir)
   return epath.Path(workdir) / "checkpoints"
 
 

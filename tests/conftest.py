@@ -66,3 +66,18 @@ def hf_checkpoint(request, tmp_path):
   model = make_torch_clip(request.param)
   model.save_pretrained(tmp_path / "ckpt")
   return model, str(tmp_path / "ckpt")
+
+
+@pytest.fixture(scope="session")
+def tiny_workdir(tmp_path_factory):
+  """A finished 4-step run of configs/tiny.py, made by the command line as a user would."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  workdir = tmp_path_factory.mktemp("tiny_run")
+  subprocess.run([sys.executable, "-m", "countclip_jax.main",
+                  f"--config={os.path.join(root, 'configs', 'tiny.py')}", f"--workdir={workdir}",
+                  "--config.train.steps=4", "--verbosity=-1"],
+                 check=True, cwd=root, timeout=300, capture_output=True,
+                 env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+  return str(workdir)

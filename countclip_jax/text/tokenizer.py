@@ -10,6 +10,8 @@ world and the tests have a real tokenizer without a download.
 """
 from __future__ import annotations
 
+import collections
+import heapq
 import json
 import os
 import tempfile
@@ -100,29 +102,68 @@ def build_tokenizer(words: Iterable[str], context_length: int = 77,
   tokenizes (byte fallback, as in CLIP). The special tokens come last, as in OpenAI's
   vocabulary, so eos is the largest id.
   """
-  # Train with the normaliser and pre-tokeniser of a real CLIPTokenizerFast, so that the merges
-  # are learned on exactly the pieces the tokenizer will see.
+  # Learn merges on the pieces a real CLIPTokenizerFast sees (its normaliser and pre-tokeniser).
   base = _write_and_load({**{c: i for i, c in enumerate(_alphabet())}, BOS: 256, EOS: 257}, [])
-  backend = tokenizers.Tokenizer(tokenizers.models.BPE(end_of_word_suffix=END_OF_WORD,
-                                                       continuing_subword_prefix=""))
-  backend.normalizer = base.backend_tokenizer.normalizer
-  backend.pre_tokenizer = base.backend_tokenizer.pre_tokenizer
-  backend.train_from_iterator(list(words), trainer=tokenizers.trainers.BpeTrainer(
-      vocab_size=49408, min_frequency=0, show_progress=False, end_of_word_suffix=END_OF_WORD,
-      continuing_subword_prefix="", initial_alphabet=list(_alphabet())))
-  trained = json.loads(backend.to_str())["model"]
+  normalizer = base.backend_tokenizer.normalizer
+  pre_tokenizer = base.backend_tokenizer.pre_tokenizer
+  pieces = collections.Counter(
+      piece for text in words
+      for piece, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
+  merges = _learn_merges(pieces)
   vocab: dict[str, int] = {}
   for symbol in list(_alphabet()) + [c + END_OF_WORD for c in _alphabet()]:
     vocab.setdefault(symbol, len(vocab))
-  for symbol, _ in sorted(trained["vocab"].items(), key=lambda kv: kv[1]):
-    vocab.setdefault(symbol, len(vocab))
+  for left, right in merges:
+    vocab.setdefault(left + right, len(vocab))
   vocab[BOS] = len(vocab)
   vocab[EOS] = len(vocab)
-  merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in trained["merges"]]
   tokenizer = Tokenizer(_write_and_load(vocab, merges), context_length)
   if out_dir is not None:
     tokenizer.save(out_dir)
   return tokenizer
+
+
+def _learn_merges(pieces: collections.Counter) -> list[tuple[str, str]]:
+  """Byte-pair merges until every piece is one symbol; the most frequent pair first, ties
+  broken by the pair itself. (The `tokenizers` trainer breaks ties by hash order, so its
+  vocabulary, and the ids a model is trained on, changed from one process to the next.)"""
+  words = [[*piece[:-1], piece[-1] + END_OF_WORD] for piece in sorted(pieces)]
+  freqs = [pieces[piece] for piece in sorted(pieces)]
+  counts: collections.Counter = collections.Counter()
+  where: dict[tuple[str, str], set[int]] = collections.defaultdict(set)
+
+  def account(i: int, sign: int):
+    for pair in zip(words[i], words[i][1:]):
+      counts[pair] += sign * freqs[i]
+      if sign > 0:
+        where[pair].add(i)
+
+  for i in range(len(words)):
+    account(i, +1)
+  heap = [(-c, pair) for pair, c in counts.items()]
+  heapq.heapify(heap)
+  merges = []
+  while heap:
+    negative, pair = heapq.heappop(heap)
+    if counts.get(pair, 0) != -negative or -negative <= 0:
+      continue  # a stale entry: the pair's count changed after it was pushed
+    merges.append(pair)
+    for i in sorted(where.pop(pair)):
+      account(i, -1)
+      merged, j = [], 0
+      while j < len(words[i]):
+        if tuple(words[i][j:j + 2]) == pair:
+          merged.append(pair[0] + pair[1])
+          j += 2
+        else:
+          merged.append(words[i][j])
+          j += 1
+      words[i] = merged
+      account(i, +1)
+      for new in zip(merged, merged[1:]):
+        heapq.heappush(heap, (-counts[new], new))
+    counts.pop(pair, None)
+  return merges
 
 
 def _write_and_load(vocab: dict[str, int], merges: Sequence[tuple[str, str]]):
