@@ -30,18 +30,22 @@ RULES = (
 
 
 def initialize_distributed() -> None:
-  """Joins the JAX processes of a multi-host job (TPU pod); nothing to do on one host.
+  """Joins the JAX processes of a multi-host job; a no-op on a single host.
 
-  On a TPU VM pod, `jax.distributed.initialize()` finds the coordinator from the TPU metadata.
-  Elsewhere set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID.
+  On a TPU VM pod (and SLURM, Open MPI, GKE) `jax.distributed.initialize()` finds the
+  coordinator by itself. Elsewhere set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
+  JAX_PROCESS_ID (how the two-process CPU test runs). Must run before JAX touches a device.
   """
   if os.environ.get("JAX_COORDINATOR_ADDRESS"):
     jax.distributed.initialize(
         coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
         num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
         process_id=int(os.environ["JAX_PROCESS_ID"]))
-  elif os.environ.get("TPU_WORKER_HOSTNAMES", "localhost").count(",") > 0:
+    return
+  try:
     jax.distributed.initialize()
+  except ValueError as e:  # no cluster detected: one process
+    logging.info("Single process (%s)", e)
 
 
 def mesh_shape(mesh_config, num_devices: int) -> tuple[int, int, int]:
