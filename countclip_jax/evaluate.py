@@ -18,6 +18,7 @@ from typing import Callable, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from absl import app, flags, logging
 
@@ -156,25 +157,32 @@ def candidate_scores(embedder: Embedder, image_emb: np.ndarray, captions: Sequen
 
 # ----------------------------------------------------------------------------- datasets
 
-def eval_synthetic(embedder: Embedder, size: int = 900, seed: int = 0) -> dict:
-  """Counting, colour/shape zero-shot, retrieval and count retrieval on held-out images."""
-  from countclip_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+def eval_synthetic(embedder: Embedder, size: int = 900, world_config=None) -> dict:
+  """Counting, colour/shape zero-shot, retrieval and count retrieval on held-out images.
+
+  `world_config`: the training run's config (its data.synthetic settings); default settings
+  otherwise.
+  """
+  from countclip_jax.data import pipeline, synthetic  # pylint: disable=g-import-not-at-top
   image_size = embedder.model.config.vision.image_size
-  world = synthetic.SyntheticCounting(synthetic.WorldConfig(image_size=image_size),
-                                      split="heldout", seed=seed, size=size)
-  examples = [world[i] for i in range(size)]
-  pixels = image_lib.normalize(np.stack([e["image"] for e in examples]).astype(np.float32) / 255)
+  if world_config is None:
+    world_config = ml_collections.ConfigDict({"data": {"synthetic": {
+        "distractor_prob": synthetic.WorldConfig.distractor_prob,
+        "textured_prob": synthetic.WorldConfig.textured_prob, "size": size}}})
+  # The same world and preprocessing as training, on the held-out split.
+  dataset = pipeline.synthetic_eval_dataset(world_config, image_size, "heldout", size)
+  examples = [dataset[i] for i in range(size)]
+  pixels = np.stack([e["image"] for e in examples])
   image_emb = embedder.images(pixels)
-  counts = [int(e["count"]) for e in examples]
-  scores = candidate_scores(embedder, image_emb, [e["caption_with_number"] for e in examples],
-                            counts)
+  counts = [int(e["number"]) for e in examples]
+  scores = candidate_scores(embedder, image_emb, [e["caption"] for e in examples], counts)
   results = {"counting": counting_metrics(scores, counts)}
 
   # Retention: classify colour (and shape) by prompts without numbers, averaged over the other
   # attribute and the templates (a prompt ensemble, as CLIP does for ImageNet).
-  config = world.config
-  for attribute, values, others in (("color", list(config.colors), list(config.shapes)),
-                                    ("shape", list(config.shapes), list(config.colors))):
+  world = synthetic.WorldConfig()
+  for attribute, values, others in (("color", list(world.colors), list(world.shapes)),
+                                    ("shape", list(world.shapes), list(world.colors))):
     class_emb = []
     for value in values:
       pairs = [(value, other) if attribute == "color" else (other, value) for other in others]
@@ -185,7 +193,7 @@ def eval_synthetic(embedder: Embedder, size: int = 900, seed: int = 0) -> dict:
     results[f"{attribute}_accuracy"] = zero_shot_accuracy(image_emb, class_emb, labels)
 
   results["retrieval"] = retrieval_recall(
-      image_emb, embedder.texts([e["caption_without_number"] for e in examples]))
+      image_emb, embedder.texts([e["general_caption"] for e in examples]))
   # Count retrieval: prompts name a kind ("a photo of three red stars"), so each kind's prompts
   # rank that kind's images (top-1); precision is averaged over the kinds.
   by_kind = {}
@@ -226,14 +234,14 @@ def eval_countbench(embedder: Embedder, source: str) -> dict:
 
 
 def run(embedder: Embedder, datasets: Sequence[str], out_dir: str, *, tag: str = "",
-        synthetic_size: int = 900, countbench_source: str = "") -> dict:
+        synthetic_size: int = 900, countbench_source: str = "", world_config=None) -> dict:
   """Evaluates each dataset, writes OUT/eval/<name><tag>.json and confusion PNGs."""
   out = epath.Path(out_dir) / "eval"
   out.mkdir(parents=True, exist_ok=True)
   results = {}
   for name in datasets:
     if name == "synthetic":
-      result = eval_synthetic(embedder, synthetic_size)
+      result = eval_synthetic(embedder, synthetic_size, world_config)
     elif name == "countbench":
       if not countbench_source:
         raise ValueError("The countbench eval needs a source: eval.countbench_dir / "
@@ -266,7 +274,8 @@ def scalars(results: dict) -> dict:
 def evaluate_during_training(config, model, params, tokenizer, workdir, step) -> dict:
   embedder = Embedder(model, params, tokenizer, config.eval.batch_size)
   results = run(embedder, config.eval.datasets, workdir, tag=f"_step{step}",
-                synthetic_size=config.eval.size, countbench_source=config.eval.countbench_dir)
+                synthetic_size=config.eval.size, countbench_source=config.eval.countbench_dir,
+                world_config=config)
   return scalars(results)
 
 

@@ -482,14 +482,14 @@ class _SyntheticEval:
     ex = self.world[index]
     return {"image": _pixels(ex["image"], self.image_size, None), "number": ex["count"],
             "color": ex["color"], "shape": ex["shape"], "caption": ex["caption_with_number"],
-            "valid": True}
+            "general_caption": ex["caption_without_number"], "valid": True}
 
 
 def synthetic_eval_dataset(config, image_size: int, split: str = "heldout",
                            size: int | None = None) -> grain.MapDataset:
   """Random-access eval examples of the world (default size: config.eval.size), each
   {"image": float32 (S, S, 3) normalised, "number": int32 count, "color": str, "shape": str,
-   "caption": str (with the number word), "valid": True}."""
+   "caption": str (with the number word), "general_caption": str (without), "valid": True}."""
   world = synthetic_world(config, image_size, split, config.eval.size if size is None else size)
   return grain.MapDataset.source(_SyntheticEval(world, image_size))
 
