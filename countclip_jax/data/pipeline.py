@@ -22,9 +22,10 @@ or by hand with `it.get_state()` (a small json-able dict) and `it.set_state(stat
 Sources (config.data.source): "synthetic" (both sets from the procedural world's train split,
 rendered at the model's size; counting rows say the number, general rows do not), "records"
 (data.records.counting / .general, written by data.prepare), "tfds" (general pairs from
-`tfds.data_source(data.tfds.name)`, counting pairs from data.records.counting). Each process
-reads every P-th example of each set (disjoint shards that cover the data). config.data.augment
-(random resized crop) applies to records and tfds images; the synthetic world is already random
+`tfds.data_source(data.tfds.name)`, counting pairs from data.records.counting). All processes
+draw from one stream of global batches and process p keeps rows [p B/P, (p + 1) B/P) of each:
+P processes train on exactly the batches of one process. config.data.augment (random resized
+crop) applies to records and tfds images; the synthetic world is already random
 per example, and a crop could cut a counted object out. config.data.balance_numbers makes the
 numbers take turns in the counting rows (a uniform mix, each number reshuffled on its own).
 
@@ -246,12 +247,6 @@ def _sources(config, image_size: int, need_count: bool, need_general: bool):
 # ---------------------------------------------------------------------------------------------
 # Example -> batch.
 
-def _shard(examples: _Examples, process_index: int, process_count: int) -> _Examples:
-  """This process's examples: every process_count-th, from process_index (disjoint, covering)."""
-  sl = slice(process_index, None, process_count)
-  return _Examples(examples.dataset[sl], examples.numbers[sl])
-
-
 class _Lookup:
   """index -> dataset[index] (a class, not a lambda: grain pickles it for worker processes)."""
 
@@ -266,8 +261,7 @@ def _stream(examples: _Examples, seed: int, balance: bool, where: str) -> grain.
   """An infinite, per-epoch reshuffled stream of `examples`; with `balance` the numbers take
   turns (a uniform mix over the numbers present), each number reshuffled on its own."""
   if len(examples.dataset) == 0:
-    raise ValueError(f"No {where} examples on this process (process shard of an empty or too "
-                     "small set).")
+    raise ValueError(f"No {where} examples (an empty set).")
   if not balance:
     return examples.dataset.shuffle(seed).repeat()
   present = sorted(set(examples.numbers.tolist()))
@@ -406,19 +400,19 @@ def train_dataset(config, tokenizer: tokenizer_lib.Tokenizer, image_size: int, *
   k = _num_counterfactuals(config.count.num_counterfactuals)
   count_examples, general_examples = _sources(config, image_size, c > 0, g > 0)
   seed, augment = config.train.seed, config.data.augment
+  # The global batch must not depend on the process count: every process builds the same
+  # stream (seeds (seed, 0, stream), as one process always had) cut into local batches, and
+  # takes every P-th from its own, i.e. its rows of each global batch. Only those are read.
+  mine = slice(process_index, None, process_count)
   parts = []
   if c:
-    stream = _stream(_shard(count_examples, process_index, process_count),
-                     _seed(seed, process_index, 0), config.data.balance_numbers, "counting")
-    parts.append(stream.random_map(_PrepareCounting(image_size, augment, k),
-                                   seed=_seed(seed, process_index, 1))
-                 .batch(c, batch_fn=_CountingBatch(tokenizer)))
+    stream = _stream(count_examples, _seed(seed, 0, 0), config.data.balance_numbers, "counting")
+    parts.append(stream.random_map(_PrepareCounting(image_size, augment, k), seed=_seed(seed, 0, 1))
+                 .batch(c, batch_fn=_CountingBatch(tokenizer))[mine])
   if g:
-    stream = _stream(_shard(general_examples, process_index, process_count),
-                     _seed(seed, process_index, 2), False, "general")
-    parts.append(stream.random_map(_PrepareGeneral(image_size, augment),
-                                   seed=_seed(seed, process_index, 3))
-                 .batch(g, batch_fn=_GeneralBatch(tokenizer)))
+    stream = _stream(general_examples, _seed(seed, 0, 2), False, "general")
+    parts.append(stream.random_map(_PrepareGeneral(image_size, augment), seed=_seed(seed, 0, 3))
+                 .batch(g, batch_fn=_GeneralBatch(tokenizer))[mine])
   length = tokenizer.context_length
   combine = _Combine(None if c else _empty("count", image_size, k, length),
                      None if g else _empty("general", image_size, k, length))

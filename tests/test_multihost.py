@@ -1,0 +1,118 @@
+"""Several JAX processes train exactly as one: the input pipeline's global batch does not depend on
+the process count, and a real two-process CPU run (jax.distributed on 127.0.0.1, gloo
+collectives, one shared workdir as on a pod) matches a one-process run step for step."""
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from configs import tiny
+from countclip_jax import checkpoints
+from countclip_jax.data import pipeline, synthetic
+from countclip_jax.metric_writer import read_metrics
+from countclip_jax.text.tokenizer import build_tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "configs", "tiny.py")
+TIMEOUT = 300  # seconds for a run; a few steps take 30-60 s on a free 2-core machine
+STEPS = 4
+FAST_COMPILE = "--xla_backend_optimization_level=0"
+
+
+@pytest.mark.parametrize("processes, balance", [(2, True), (4, False)])
+def test_processes_share_out_the_batches_of_one_process(processes, balance):
+  c = tiny.get_config()
+  # A world of 40 examples and batches of 16 (8 counting, 8 general): the 5 batches below cross
+  # epochs, where each set is reshuffled.
+  c.data.synthetic.size, c.data.balance_numbers = 40, balance
+  tok = build_tokenizer(synthetic.vocabulary(), c.data.context_length)
+  batches = lambda p, n: pipeline.train_iterator(c, tok, 64, process_index=p, process_count=n,
+                                                 num_threads=0)
+  one = batches(0, 1)
+  shares = [batches(p, processes) for p in range(processes)]
+  for _ in range(5):
+    want, got = next(one), [next(s) for s in shares]
+    assert want["count"]["image"].shape[0] == 8
+    # A global batch is process 0's rows, then process 1's, ... (make_array_from_process_local_data)
+    jax.tree_util.tree_map(lambda w, *g: np.testing.assert_array_equal(np.concatenate(g), w),
+                           want, *got)
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def run_all(named_commands, tmp_path):
+  """Runs the commands at once; kills all of them and fails with their output if one fails or
+  they take longer than TIMEOUT. Returns each one's output."""
+  procs, logs = {}, {name: tmp_path / f"{name}.log" for name in named_commands}
+  output = lambda name: logs[name].read_text(errors="replace")
+  try:
+    for name, (command, env) in named_commands.items():
+      with open(logs[name], "w") as log:
+        procs[name] = subprocess.Popen(command, cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
+                                       stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.time() + TIMEOUT
+    while any(p.poll() is None for p in procs.values()):
+      failed = [n for n, p in procs.items() if p.poll() not in (None, 0)]
+      if failed or time.time() > deadline:
+        why = f"{failed} failed" if failed else f"still running after {TIMEOUT} s"
+        pytest.fail(why + "".join(f"\n--- {n} (exit {p.poll()}) ---\n{output(n)[-4000:]}"
+                                  for n, p in procs.items()))
+      time.sleep(0.2)
+    failed = {n: p.returncode for n, p in procs.items() if p.returncode}
+    assert not failed, "".join(f"\n--- {n} (exit {c}) ---\n{output(n)[-4000:]}"
+                               for n, c in failed.items())
+    return {name: output(name) for name in procs}
+  finally:
+    for p in procs.values():
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+
+
+def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path):
+  command = lambda workdir: [
+      sys.executable, "-m", "countclip_jax.main", f"--config={TINY}", f"--workdir={workdir}",
+      f"--config.train.steps={STEPS}", "--config.train.log_every=1",
+      "--config.checkpoint.every_steps=2"]
+  base = {k: v for k, v in os.environ.items()
+          if k not in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")}
+  base.update(JAX_PLATFORMS="cpu", NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost")
+  # One process with two CPU devices, and two processes with one each: the same mesh (data=2).
+  # XLA's -O0 halves the CPU compile time, most of a tiny run; all three use it.
+  one = {**base, "XLA_FLAGS": f"--xla_force_host_platform_device_count=2 {FAST_COMPILE}"}
+  two = {**base, "XLA_FLAGS": f"--xla_force_host_platform_device_count=1 {FAST_COMPILE}",
+         "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{free_port()}", "JAX_NUM_PROCESSES": "2",
+         # CPU collectives across processes: jax 0.10's default, named for older versions.
+         "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"}
+  shared = tmp_path / "shared"  # one workdir for both processes, as gs:// on a pod
+  logs = run_all({
+      "one": (command(tmp_path / "one"), one),
+      "two-0": (command(shared), {**two, "JAX_PROCESS_ID": "0"}),
+      "two-1": (command(shared), {**two, "JAX_PROCESS_ID": "1"}),
+  }, tmp_path)
+  assert "over 2 devices (1 processes)" in logs["one"]
+  assert "over 2 devices (2 processes)" in logs["two-0"]
+
+  # Metrics (process 0 writes them, once per step): the same losses.
+  single, multi = read_metrics(str(tmp_path / "one")), read_metrics(str(shared))
+  assert [r["step"] for r in multi] == [r["step"] for r in single] == list(range(1, STEPS + 1))
+  for name in ("train/loss", "train/clip_loss", "train/count_loss", "train/grad_norm"):
+    np.testing.assert_allclose([r[name] for r in multi], [r[name] for r in single], rtol=1e-5,
+                               err_msg=name)
+  assert len({r["train/loss"] for r in single}) == STEPS  # each step saw other data
+
+  # Checkpoints (both processes wrote their shards and data state): the same params.
+  assert sorted(os.listdir(shared / "checkpoints" / str(STEPS) / "data")) == [
+      "commit_success.txt", "process_0-of-2.json", "process_1-of-2.json"]
+  jax.tree_util.tree_map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+      checkpoints.restore_params(str(shared)), checkpoints.restore_params(str(tmp_path / "one")))
