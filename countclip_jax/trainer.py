@@ -242,7 +242,18 @@ def make_train_step(model: CLIP, tx, schedule, config, mesh, shardings: TrainSta
     return new_state, metrics
 
   return jax.jit(step, in_shardings=(shardings, batch_shardings(mesh)),
-                 out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=(0,))
+                 out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=(0,),
+                 compiler_options=_compiler_options(mesh))
+
+
+def _compiler_options(mesh) -> dict | None:
+  """XLA:CPU's default copy insertion copies both Adam moments every step (the parameter update
+  and the in-place moment update both read the old moments): 1.2 GB at B/32. Its region
+  analysis orders the reads before the in-place writes instead (benchmarks/train_step.py,
+  docs/PERFORMANCE.md). Other backends keep their defaults."""
+  if mesh.devices.flat[0].platform == "cpu":
+    return {"xla_cpu_copy_insertion_use_region_analysis": True}
+  return None
 
 
 def init_state(model, tx, params, rng, mesh, shardings: TrainState) -> TrainState:
