@@ -2,7 +2,8 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
+RUNTIME := $(VENV)/.installed-runtime
+TESTING := $(VENV)/.installed-test
 
 .PHONY: demo test setup clean
 
@@ -10,16 +11,21 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
-$(STAMP): $(PY) setup.py requirements.txt
+# The demo needs the runtime only; the tests add pytest and torch (the parity reference).
+$(RUNTIME): $(PY) setup.py requirements.txt
+	$(PY) -m pip install --quiet -e .
+	touch $(RUNTIME)
+
+$(TESTING): $(RUNTIME) setup.py
 	$(PY) -m pip install --quiet -e '.[test]'
-	touch $(STAMP)
+	touch $(TESTING)
 
-setup: $(STAMP)
+setup: $(TESTING)
 
-demo: $(STAMP)
+demo: $(RUNTIME)
 	$(PY) -m countclip_jax.demo $(ARGS)
 
-test: $(STAMP)
+test: $(TESTING)
 	$(PY) -m pytest -q -n 2 tests $(ARGS)
 
 clean:

@@ -35,17 +35,20 @@ def get_config(stage: str = "count"):
   c.eval.batch_size = 300
 
   if stage == "pretrain":
-    c.train.steps = 1000
+    c.train.steps = 800
     c.train.lr = 1e-3
     c.train.warmup_steps = 100
     c.count.fraction = 0.0       # no caption states a number
     c.count.lam = 0.0
   else:
-    c.train.steps = 350
+    c.train.steps = 500
     c.train.lr = 1e-3
     c.train.warmup_steps = 30
     c.count.fraction = 0.5
     c.count.num_counterfactuals = 8  # all wrong numbers: at this scale far faster than K=1
     c.count.scale = "learned"        # the model's own temperature, not the paper's raw cosine
-    c.count.lam = 1.0 if stage == "count" else 0.0
+    # λ = 2: with half the batch stating numbers, the CLIP loss alone already teaches some
+    # counting (C reached 37% at λ = 0, B 48% at λ = 1 after 350 steps); the counting loss
+    # needs more weight to pull clearly ahead.
+    c.count.lam = 2.0 if stage == "count" else 0.0
   return c
