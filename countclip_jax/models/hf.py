@@ -63,7 +63,9 @@ def config_to_hf(config: CLIPConfig) -> transformers.CLIPConfig:
   text = dict(vocab_size=t.vocab_size, max_position_embeddings=t.context_length,
               hidden_size=t.width, num_hidden_layers=t.depth, num_attention_heads=t.heads,
               intermediate_size=t.mlp_dim, hidden_act=t.act, layer_norm_eps=t.layer_norm_eps,
-              eos_token_id=t.eos_token_id, projection_dim=config.projection_dim)
+              eos_token_id=t.eos_token_id, projection_dim=config.projection_dim,
+              # bos is not used by the model; CLIP's vocabularies put it just before eos.
+              bos_token_id=min(49406, t.vocab_size - 2))
   vision = dict(image_size=v.image_size, patch_size=v.patch_size, hidden_size=v.width,
                 num_hidden_layers=v.depth, num_attention_heads=v.heads,
                 intermediate_size=v.mlp_dim, hidden_act=v.act, num_channels=v.num_channels,
