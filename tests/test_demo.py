@@ -8,7 +8,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_demo_smoke(tmp_path):
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+  # -O0: these steps are few, so compile time dominates.
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1 "
+                                    "--xla_backend_optimization_level=0"}
   command = [sys.executable, "-m", "countclip_jax.demo", f"--workdir={tmp_path}", "--smoke"]
   first = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=600)
@@ -24,8 +26,7 @@ def test_demo_smoke(tmp_path):
   assert (tmp_path / "B" / "hf" / "model.safetensors").exists()
   # B and C start from A's Hugging Face export: the worked example of chaining runs.
   assert f"--config.model.init={tmp_path}/A/hf" in first.stdout
-  # A second demo reuses the cached stage A.
-  second = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
-  assert second.returncode == 0, second.stderr[-3000:]
-  assert "[A] reusing" in second.stdout
+  # A second demo with the same arguments would reuse the cached stage A; other ones retrain it.
+  from countclip_jax import demo
+  assert demo.cached(str(tmp_path / "A"), list(demo.SMOKE))
+  assert not demo.cached(str(tmp_path / "A"), [])

@@ -14,7 +14,9 @@ from countclip_jax.metric_writer import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.py")
-ENV = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+# -O0: short runs are dominated by compile time; every run compared uses the same flags.
+ENV = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2 "
+                                  "--xla_backend_optimization_level=0",
        "JAX_PLATFORMS": "cpu"}
 
 
@@ -61,10 +63,20 @@ def wait_for(path, process, timeout=120):
     time.sleep(0.05)
 
 
+STEPS = ["--config.train.steps=40", "--config.checkpoint.every_steps=5"]
+
+
+@pytest.fixture(scope="module")
+def straight_params(tmp_path_factory):
+  """The params of an uninterrupted run, shared by the interruption tests."""
+  workdir = tmp_path_factory.mktemp("straight")
+  run_main(workdir, *STEPS)
+  return checkpoints.restore_params(str(workdir))
+
+
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
-def test_interrupted_run_resumes_to_identical_params(tmp_path, sig):
-  steps = ["--config.train.steps=40", "--config.checkpoint.every_steps=5"]
-  run_main(tmp_path / "straight", *steps)
+def test_interrupted_run_resumes_to_identical_params(tmp_path, sig, straight_params):
+  steps = STEPS
 
   workdir = tmp_path / "interrupted"
   process = subprocess.Popen(main_command(workdir, *steps), env=ENV, cwd=ROOT,
@@ -81,8 +93,7 @@ def test_interrupted_run_resumes_to_identical_params(tmp_path, sig):
   assert saved is not None and 10 <= saved < 40, saved
 
   run_main(workdir, *steps)
-  straight = checkpoints.restore_params(str(tmp_path / "straight"))
   resumed = checkpoints.restore_params(str(workdir))
-  jax.tree_util.tree_map(np.testing.assert_array_equal, resumed, straight)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, resumed, straight_params)
   logged = [r["step"] for r in read_metrics(str(workdir))]
   assert logged[-1] == 40
