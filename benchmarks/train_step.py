@@ -113,7 +113,7 @@ def model_flops(config: CLIPConfig, context_length: int, batch_size: int, fracti
   activations and the optimizer (~20 FLOPs per param) are left out: < 1% at these sizes.
   """
   v, t = config.vision, config.text
-  counting, _ = trainer.split_batch(batch_size, fraction)
+  counting, _ = pipeline.split_sizes(batch_size, fraction)
   images, texts = batch_size, batch_size + counting * k
   patch = v.num_patches * v.patch_size ** 2 * v.num_channels * v.width
   image_macs = patch + tower_macs(v.width, v.depth, v.mlp_dim, v.num_patches + 1) \
@@ -152,7 +152,7 @@ def roofline_step(config: CLIPConfig, text_len: int, batch: int, fraction: float
   p, g, m, v; write p, m, v in fp32), divided over `fsdp` chips. Ops run one after another
   (no overlap), collectives are assumed hidden: the model is an upper bound on MFU.
   """
-  counting, _ = trainer.split_batch(batch, fraction)
+  counting, _ = pipeline.split_sizes(batch, fraction)
   v, t = config.vision, config.text
   towers = [(v.width, v.depth, v.mlp_dim, v.heads, v.num_patches + 1, batch),
             (t.width, t.depth, t.mlp_dim, t.heads, text_len, batch + counting * k)]
@@ -310,7 +310,7 @@ def host_batch(config, tokenizer, image_size: int, seed: int = 0,
   process's share; `length` tokens per caption (default: the tokenizer's context length)."""
   rng = np.random.RandomState(seed)
   # This process's share of the global batch (pipeline.global_batch assembles the rest).
-  counting, general = (n // jax.process_count() for n in trainer.split_batch(
+  counting, general = (n // jax.process_count() for n in pipeline.split_sizes(
       config.train.batch_size, config.count.fraction))
   k, length = config.count.num_counterfactuals, length or tokenizer.context_length
 
@@ -369,11 +369,7 @@ def build(args, variant: Variant, compile_only: bool = False) -> Bench:
   model = _model(config, tokenizer, variant)
   shapes = models.param_shapes(model)
   tx, schedule = trainer.make_optimizer(config, shapes)
-  state_shapes = jax.eval_shape(lambda p: trainer.TrainState(
-      step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p),
-      nonfinite=jnp.zeros((), jnp.int32), skipped=jnp.zeros((), jnp.int32)), shapes)
-  shardings = trainer.state_shardings(
-      mesh, state_shapes, sharding.param_shardings(mesh, models.logical_axes(model), shapes))
+  state_shapes, shardings = trainer.state_layout(model, tx, mesh)
   step = trainer.make_train_step(model, tx, schedule, config, mesh, shardings)
   batch_sharding = trainer.batch_shardings(mesh)
   image_size = model.config.vision.image_size

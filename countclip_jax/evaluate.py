@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 import json
-from typing import Callable, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import jax
 import jax.numpy as jnp

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import re
 import time
@@ -26,6 +25,7 @@ from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from countclip_jax import checkpoints, losses, models, sharding
+from countclip_jax.data import pipeline
 from countclip_jax.metric_writer import MetricWriter
 from countclip_jax.models import hf
 from countclip_jax.models.clip import CLIP, normalize
@@ -62,7 +62,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     raise ValueError(f"checkpoint.every_steps must be >= 1, got {config.checkpoint.every_steps}")
   data, fsdp, model = sharding.mesh_shape(config.mesh, num_devices)
   parallel = data * fsdp * t.grad_accum
-  counting, general = split_batch(t.batch_size, c.fraction)
+  counting, general = pipeline.split_sizes(t.batch_size, c.fraction)
   for name, size in (("counting", counting), ("general", general)):
     if size % parallel:
       raise ValueError(
@@ -71,12 +71,6 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
           f"{data}*{fsdp}*{t.grad_accum}; pick a batch size and fraction that split evenly")
   if t.freeze:
     re.compile(t.freeze)
-
-
-def split_batch(batch_size: int, fraction: float) -> tuple[int, int]:
-  """(counting, general) examples in a global batch: round(p·B) and the rest."""
-  counting = int(round(fraction * batch_size))
-  return counting, batch_size - counting
 
 
 # ----------------------------------------------------------------------------- model
@@ -140,6 +134,21 @@ class TrainState:
   opt_state: Any
   nonfinite: jax.Array  # consecutive steps whose loss or gradient was not finite
   skipped: jax.Array  # all steps skipped so far
+
+
+def new_state(params, tx) -> TrainState:
+  """Step 0: fresh optimizer state, no skipped steps."""
+  zero = jnp.zeros((), jnp.int32)
+  return TrainState(step=zero, params=params, opt_state=tx.init(params), nonfinite=zero,
+                    skipped=zero)
+
+
+def state_layout(model: CLIP, tx, mesh) -> tuple[TrainState, TrainState]:
+  """(shapes, shardings) of the train state, without allocating anything."""
+  shapes = models.param_shapes(model)
+  state_shapes = jax.eval_shape(functools.partial(new_state, tx=tx), shapes)
+  param_shardings = sharding.param_shardings(mesh, models.logical_axes(model), shapes)
+  return state_shapes, state_shardings(mesh, state_shapes, param_shardings)
 
 
 def state_shardings(mesh, state_shapes: TrainState, param_shardings) -> TrainState:
@@ -266,11 +275,7 @@ def init_state(model, tx, params, rng, mesh, shardings: TrainState) -> TrainStat
     params = jax.tree_util.tree_map(
         lambda x, s: jax.make_array_from_callback(x.shape, s, lambda i: np.asarray(x[i])),
         params, shardings.params)
-
-  def create(params):
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      nonfinite=jnp.zeros((), jnp.int32), skipped=jnp.zeros((), jnp.int32))
-  return jax.jit(create, out_shardings=shardings)(params)
+  return jax.jit(functools.partial(new_state, tx=tx), out_shardings=shardings)(params)
 
 
 # ----------------------------------------------------------------------------- the run
@@ -303,7 +308,6 @@ def save_config(config, workdir: epath.Path) -> None:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (or resumes) to config.train.steps; returns the last logged metrics."""
   from countclip_jax import evaluate  # pylint: disable=g-import-not-at-top
-  from countclip_jax.data import pipeline  # pylint: disable=g-import-not-at-top
 
   # ---- Setup: fail on a bad config before anything is compiled.
   sharding.initialize_distributed()
@@ -330,12 +334,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   train_iter = pipeline.train_iterator(config, tokenizer, model.config.vision.image_size)
 
   # ---- Optimizer and shardings.
-  param_shardings = sharding.param_shardings(mesh, models.logical_axes(model), shapes)
   tx, schedule = make_optimizer(config, shapes)
-  state_shapes = jax.eval_shape(lambda p: TrainState(
-      step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p),
-      nonfinite=jnp.zeros((), jnp.int32), skipped=jnp.zeros((), jnp.int32)), shapes)
-  shardings = state_shardings(mesh, state_shapes, param_shardings)
+  state_shapes, shardings = state_layout(model, tx, mesh)
 
   # ---- Checkpoint: resume where a previous run of this workdir stopped, or start.
   manager = checkpoints.create_manager(str(workdir), config.checkpoint.every_steps,

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 import transformers
 
-from countclip_jax import export, models
+from countclip_jax import export
 
 
 def test_exported_run_loads_in_transformers_with_the_same_outputs(tiny_workdir, tmp_path):

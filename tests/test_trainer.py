@@ -1,14 +1,13 @@
 """trainer.py: the sharded step equals the one-device step; guards, accumulation, freezing."""
-import functools
 import math
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from configs import tiny
 from countclip_jax import models, sharding, trainer
+from countclip_jax.data import pipeline
 from countclip_jax.text.tokenizer import build_tokenizer
 
 WORDS = ["a photo of two three four five six seven eight nine ten red blue stars circles"]
@@ -22,7 +21,7 @@ def tokenizer():
 def fake_batch(config, tokenizer, image_size, seed=0):
   """A batch in the pipeline's layout, with random pixels and real token ids."""
   rng = np.random.RandomState(seed)
-  counting, general = trainer.split_batch(config.train.batch_size, config.count.fraction)
+  counting, general = pipeline.split_sizes(config.train.batch_size, config.count.fraction)
   k = config.count.num_counterfactuals
   words = ["two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
   numbers = rng.randint(2, 11, size=counting)
@@ -44,13 +43,8 @@ def setup(config, tokenizer, mesh_cfg=None, devices=None):
   trainer.validate(config, len(devices))
   mesh = sharding.make_mesh(config.mesh, devices)
   model, _ = trainer.build_model(config, tokenizer)
-  shapes = models.param_shapes(model)
-  tx, schedule = trainer.make_optimizer(config, shapes)
-  state_shapes = jax.eval_shape(lambda p: trainer.TrainState(
-      jnp.zeros((), jnp.int32), p, tx.init(p), jnp.zeros((), jnp.int32),
-      jnp.zeros((), jnp.int32)), shapes)
-  shardings = trainer.state_shardings(
-      mesh, state_shapes, sharding.param_shardings(mesh, models.logical_axes(model), shapes))
+  tx, schedule = trainer.make_optimizer(config, models.param_shapes(model))
+  _, shardings = trainer.state_layout(model, tx, mesh)
   state = trainer.init_state(model, tx, None, jax.random.key(0), mesh, shardings)
   step = trainer.make_train_step(model, tx, schedule, config, mesh, shardings)
   place = lambda b: jax.tree_util.tree_map(

@@ -89,7 +89,7 @@ def _torch_name(path: tuple[str, ...], shape: tuple[int, ...]):
   return ".".join(path), lambda a: a
 
 
-def _from_torch(array: np.ndarray, flax_shape: tuple[int, ...], path) -> np.ndarray:
+def _from_torch(array: np.ndarray, path) -> np.ndarray:
   if path[-1] == "kernel" and array.ndim == 4:
     return np.transpose(array, (2, 3, 1, 0))
   if path[-1] == "kernel":
@@ -125,7 +125,7 @@ def params_from_torch_state(state: dict[str, np.ndarray], shapes, dtype=jnp.floa
   params = {}
   for path, s in flat.items():
     key = names[path]
-    params[path] = _cast(_from_torch(state[key], s.shape, path), s.shape, dtype, key, source)
+    params[path] = _cast(_from_torch(state[key], path), s.shape, dtype, key, source)
   return flax.traverse_util.unflatten_dict(params)
 
 
