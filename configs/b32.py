@@ -2,9 +2,12 @@ r"""Fine-tune OpenAI CLIP ViT-B/32 to count (the paper's main model).
 
   python -m countclip_jax.main --config=configs/b32.py --workdir=gs://BUCKET/countclip-b32 \
       --config.data.records.counting='gs://BUCKET/data/counting-*.array_record' \
-      --config.data.records.general='gs://BUCKET/data/general-*.array_record'
+      --config.data.records.general='gs://BUCKET/data/general-*.array_record' \
+      --config.eval.countbench_dir=countbench
 
-Prepare the record shards with `python -m countclip_jax.data.prepare`. The counting loss is the
+Prepare the record shards with `python -m countclip_jax.data.prepare` and the CountBench image
+cache with `python -m countclip_jax.data.countbench --out countbench` (the periodic evals are
+CountBench's; a run without the cache stops before anything compiles). The counting loss is the
 paper's form here (K=1 counterfactual, raw cosine: count.scale=1.0, λ=1); in our small-scale
 measurements the model's learned logit scale with all eight wrong numbers (K=8) taught counting
 far faster: --config.count.scale=learned --config.count.num_counterfactuals=8.

@@ -70,9 +70,14 @@ def base() -> ml_collections.ConfigDict:
 
   c.eval = ml_collections.ConfigDict()
   c.eval.every_steps = 0       # 0 = only at the end
-  c.eval.datasets = ("synthetic",)  # countbench (needs eval.countbench_dir) | synthetic
+  # synthetic | countbench (needs eval.countbench_dir) | tfds:NAME[:SPLIT], a prepared tfds
+  # classification set scored zero-shot for retention (tfds:cifar10, tfds:imagenet2012:validation)
+  c.eval.datasets = ("synthetic",)
   c.eval.size = 900            # held-out synthetic images
   c.eval.countbench_dir = ""   # the cache written by `python -m countclip_jax.data.countbench`
+  c.eval.tfds_data_dir = ""    # where the tfds: sets are prepared (array_record); "" = tfds's
+  c.eval.class_names = ""      # file of class names, one per line, for tfds sets whose labels
+                               # are ids (imagenet2012's WordNet synsets)
   c.eval.batch_size = 64
   c.lock()  # presets and overrides may set fields, never add them: a typo is an error
   return c

@@ -1,6 +1,8 @@
 r"""Fine-tune OpenAI CLIP ViT-L/14 to count (the paper's large model).
 
-  python -m countclip_jax.main --config=configs/l14.py --workdir=gs://BUCKET/countclip-l14
+  python -m countclip_jax.main --config=configs/l14.py --workdir=gs://BUCKET/countclip-l14 \
+      --config.data.records.counting=... --config.data.records.general=... \
+      --config.eval.countbench_dir=countbench   # as in configs/b32.py
 
 428M params: params and Adam state are sharded over all devices (FSDP) and each layer is
 rematerialised, so the run fits v4/v5e HBM at batch 256.

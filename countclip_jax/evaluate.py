@@ -2,11 +2,16 @@ r"""Evaluation: counting (the CountBench protocol), zero-shot retention, retriev
 
   python -m countclip_jax.evaluate --workdir=DIR [--step=N] --data=synthetic,countbench
   python -m countclip_jax.evaluate --hf=DIR_or_hub_id --data=countbench --countbench=CACHE
+  python -m countclip_jax.evaluate --hf=DIR --data=tfds:cifar10,tfds:imagenet2012:validation \
+      --tfds_data_dir=gs://BUCKET/tfds --class_names=imagenet_classes.txt
 
 Counting: each image's caption is rewritten with every number two..ten, fitted to the context
 length around the number word, and the most similar candidate is the prediction. Reported: top-1
 accuracy, accuracy per true number, mean absolute count error, the confusion matrix (JSON and a
 PNG heat map, rows = true number) and how many images were skipped, never silently.
+Retention: zero-shot classification with CLIP's prompt ensemble, on the synthetic world's colours
+and shapes or on a prepared tfds classification set (`tfds:NAME[:SPLIT]`, data/classification.py);
+image-text retrieval recall@k and count retrieval on the synthetic world.
 Results go to OUT/eval/<data>[_step<N>].json (+ PNGs); training's periodic evals call the same
 functions.
 """
@@ -14,23 +19,31 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from typing import Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import tqdm
 from absl import app, flags, logging
-
-FLAGS = flags.FLAGS
 from etils import epath
+from jax.sharding import NamedSharding, PartitionSpec as P
 
+from countclip_jax.data import classification
 from countclip_jax.data import images as image_lib
 from countclip_jax.models.clip import CLIP, normalize
 from countclip_jax.text import numbers
 from countclip_jax.text.tokenizer import Tokenizer, fit_captions
 
+FLAGS = flags.FLAGS
 NUMBERS = numbers.NUMBERS  # two..ten
+# CLIP's prompt ensemble for ImageNet (the 7 templates its prompt-engineering notebook selected
+# from 80) plus the plain "a photo of a {}.".
+PROMPT_TEMPLATES = ("a photo of a {}.", "itap of a {}.", "a bad photo of the {}.",
+                    "a origami {}.", "a photo of the large {}.", "a {} in a video game.",
+                    "art of the {}.", "a photo of the small {}.")
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -65,6 +78,12 @@ def zero_shot_accuracy(image_emb, class_emb, labels) -> float:
   """Top-1 accuracy of nearest class embedding (both normalised)."""
   return float(np.mean(np.argmax(np.asarray(image_emb) @ np.asarray(class_emb).T, 1)
                        == np.asarray(labels)))
+
+
+def top_k_hits(scores, labels, k: int) -> np.ndarray:
+  """Per row of (N, classes) scores: whether its label is among the k highest."""
+  top = np.argsort(-np.asarray(scores), axis=1, kind="stable")[:, :k]
+  return (top == np.asarray(labels)[:, None]).any(axis=1)
 
 
 def retrieval_recall(image_emb, text_emb, ks: Iterable[int] = (1, 5)) -> dict:
@@ -119,13 +138,21 @@ def plot_confusion(metrics: dict, path: str, title: str) -> None:
 # ----------------------------------------------------------------------------- embeddings
 
 class Embedder:
-  """Normalised image and text embeddings in fixed-size jitted batches (the last one padded)."""
+  """Normalised image and text embeddings in fixed-size jitted batches (the last one padded).
+
+  Params may be sharded over a mesh that spans processes (training's evals on a pod): inputs
+  and embeddings are then replicated over it, so every process gets every embedding back.
+  """
 
   def __init__(self, model: CLIP, params, tokenizer: Tokenizer, batch_size: int = 64):
     self.model, self.params, self.tokenizer, self.batch_size = model, params, tokenizer, batch_size
+    sharding = getattr(jax.tree_util.tree_leaves(params)[0], "sharding", None)
+    self._replicated = (NamedSharding(sharding.mesh, P())
+                        if isinstance(sharding, NamedSharding) else None)
     encode = lambda method, p, x: normalize(model.apply({"params": p}, x, method=method))
-    self._images = jax.jit(functools.partial(encode, "encode_image"))
-    self._texts = jax.jit(functools.partial(encode, "encode_text"))
+    jit = functools.partial(jax.jit, out_shardings=self._replicated)
+    self._images = jit(functools.partial(encode, "encode_image"))
+    self._texts = jit(functools.partial(encode, "encode_text"))
 
   def _batched(self, fn, x: np.ndarray) -> np.ndarray:
     out = []
@@ -134,6 +161,8 @@ class Embedder:
       pad = self.batch_size - len(chunk)
       if pad:
         chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
+      if self._replicated is not None:  # every process holds the same chunk
+        chunk = jax.device_put(chunk, self._replicated)
       out.append(np.asarray(fn(self.params, chunk))[:self.batch_size - pad])
     dim = self.model.config.projection_dim
     return np.concatenate(out) if out else np.zeros((0, dim), np.float32)
@@ -153,6 +182,13 @@ def candidate_scores(embedder: Embedder, image_emb: np.ndarray, captions: Sequen
            for c in numbers.count_captions(caption, n)]
   text_emb = embedder.texts(texts).reshape(len(captions), len(NUMBERS), -1)
   return np.einsum("nd,nkd->nk", image_emb, text_emb)
+
+
+def class_embeddings(embedder: Embedder, prompts: Sequence[Sequence[str]]) -> np.ndarray:
+  """(classes, dim): each class's prompts embedded, averaged and normalised (a prompt ensemble,
+  as CLIP classifies ImageNet)."""
+  mean = np.stack([np.mean(embedder.texts(list(p)), axis=0) for p in prompts])
+  return np.asarray(normalize(jnp.asarray(mean)))
 
 
 # ----------------------------------------------------------------------------- datasets
@@ -183,12 +219,11 @@ def eval_synthetic(embedder: Embedder, size: int = 900, world_config=None) -> di
   world = synthetic.WorldConfig()
   for attribute, values, others in (("color", list(world.colors), list(world.shapes)),
                                     ("shape", list(world.shapes), list(world.colors))):
-    class_emb = []
+    prompts = []
     for value in values:
       pairs = [(value, other) if attribute == "color" else (other, value) for other in others]
-      prompts = [p for color, shape in pairs for p in synthetic.captions(2, color, shape)[1]]
-      class_emb.append(np.mean(embedder.texts(prompts), axis=0))
-    class_emb = np.asarray(normalize(jnp.asarray(np.stack(class_emb))))
+      prompts.append([p for color, shape in pairs for p in synthetic.captions(2, color, shape)[1]])
+    class_emb = class_embeddings(embedder, prompts)
     labels = [values.index(e[attribute]) for e in examples]
     results[f"{attribute}_accuracy"] = zero_shot_accuracy(image_emb, class_emb, labels)
 
@@ -233,29 +268,80 @@ def eval_countbench(embedder: Embedder, source: str) -> dict:
   return {"counting": counting_metrics(scores, [e.number for e in kept], skipped=skipped)}
 
 
+def eval_zero_shot(embedder: Embedder, dataset, class_names: Sequence[str],
+                   templates: Sequence[str] = PROMPT_TEMPLATES, where: str = "") -> dict:
+  """Zero-shot classification of a random-access dataset of {"image", "label", "valid"}: the
+  nearest class by the prompt ensemble. Images stream in eval batches (ImageNet's 50k never sit
+  in memory at once); invalid ones are counted as skipped."""
+  from countclip_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  class_emb = class_embeddings(embedder, [[t.format(c) for t in templates] for c in class_names])
+  k = min(5, len(class_names))
+  top1 = top_k = skipped = n = 0
+  batches = pipeline.eval_batches(dataset, embedder.batch_size, process_index=0, process_count=1)
+  for batch in tqdm.tqdm(batches, total=-(-len(dataset) // embedder.batch_size), unit="batch",
+                         desc=f"zero-shot {where}", disable=len(dataset) <= embedder.batch_size):
+    valid = batch["valid"]
+    skipped += int(np.sum(~valid & (batch["example"] >= 0)))
+    if valid.any():
+      scores = embedder.images(batch["image"][valid]) @ class_emb.T
+      labels = batch["label"][valid]
+      top1 += int(np.sum(top_k_hits(scores, labels, 1)))
+      top_k += int(np.sum(top_k_hits(scores, labels, k)))
+      n += len(labels)
+  if not n:
+    raise ValueError(f"No image of {where or 'the zero-shot set'} could be read "
+                     f"({skipped} skipped)")
+  return {"zero_shot": {"top1": top1 / n, f"top{k}": top_k / n, "n": n, "skipped": skipped,
+                        "classes": len(class_names), "templates": len(templates)}}
+
+
+def file_name(dataset: str) -> str:
+  """'tfds:imagenet2012:validation[:5000]' -> 'tfds_imagenet2012_validation_5000'."""
+  return re.sub(r"[^\w.-]+", "_", dataset).strip("_")
+
+
+def check_datasets(datasets: Sequence[str], countbench_source: str = "") -> None:
+  """Fails on an eval set that `run` would not know, before anything is computed."""
+  for name in datasets:
+    if name.startswith(classification.PREFIX):
+      classification.parse_spec(name)
+    elif name == "countbench" and not countbench_source:
+      raise ValueError("The countbench eval needs a source: eval.countbench_dir / "
+                       "--countbench (python -m countclip_jax.data.countbench --out DIR)")
+    elif name not in ("synthetic", "countbench"):
+      raise ValueError(f"Unknown eval dataset {name!r}: synthetic | countbench | "
+                       "tfds:NAME[:SPLIT]")
+
+
 def run(embedder: Embedder, datasets: Sequence[str], out_dir: str, *, tag: str = "",
-        synthetic_size: int = 900, countbench_source: str = "", world_config=None) -> dict:
-  """Evaluates each dataset, writes OUT/eval/<name><tag>.json and confusion PNGs."""
+        synthetic_size: int = 900, countbench_source: str = "", world_config=None,
+        tfds_data_dir: str = "", class_names: str = "") -> dict:
+  """Evaluates each dataset, writes OUT/eval/<name><tag>.json and confusion PNGs.
+
+  Results are keyed by file_name(dataset): 'synthetic', 'countbench', 'tfds_cifar10_test'.
+  """
+  check_datasets(datasets, countbench_source)
   out = epath.Path(out_dir) / "eval"
   out.mkdir(parents=True, exist_ok=True)
   results = {}
-  for name in datasets:
-    if name == "synthetic":
+  for dataset in datasets:
+    name = file_name(dataset)
+    if dataset == "synthetic":
       result = eval_synthetic(embedder, synthetic_size, world_config)
-    elif name == "countbench":
-      if not countbench_source:
-        raise ValueError("The countbench eval needs a source: eval.countbench_dir / "
-                         "--countbench (python -m countclip_jax.data.countbench --out DIR)")
+    elif dataset == "countbench":
       result = eval_countbench(embedder, countbench_source)
     else:
-      raise ValueError(f"Unknown eval dataset {name!r}: synthetic | countbench")
+      examples, names = classification.load(dataset, embedder.model.config.vision.image_size,
+                                            data_dir=tfds_data_dir, names_file=class_names)
+      result = eval_zero_shot(embedder, examples, names, where=dataset)
     results[name] = result
     if jax.process_index() == 0:
       (out / f"{name}{tag}.json").write_text(json.dumps(result, indent=1))
-      plot_confusion(result["counting"], str(out / f"{name}{tag}_confusion.png"),
-                     f"{name}{tag.replace('_', ' ')}")
-    logging.info("eval %s%s: counting accuracy %.3f, MAE %.3f", name, tag,
-                 result["counting"]["accuracy"], result["counting"]["mae"])
+      if "counting" in result:
+        plot_confusion(result["counting"], str(out / f"{name}{tag}_confusion.png"),
+                       f"{name}{tag.replace('_', ' ')}")
+    logging.info("eval %s%s: %s", name, tag,
+                 ", ".join(f"{k} {v:.3f}" for k, v in scalars({name: result}).items()))
   return results
 
 
@@ -263,11 +349,15 @@ def scalars(results: dict) -> dict:
   """The headline numbers, flat, for metric writers."""
   flat = {}
   for name, result in results.items():
-    flat[f"{name}/count_accuracy"] = result["counting"]["accuracy"]
-    flat[f"{name}/count_mae"] = result["counting"]["mae"]
+    if "counting" in result:
+      flat[f"{name}/count_accuracy"] = result["counting"]["accuracy"]
+      flat[f"{name}/count_mae"] = result["counting"]["mae"]
     for key in ("color_accuracy", "shape_accuracy"):
       if key in result:
         flat[f"{name}/{key}"] = result[key]
+    for key, value in result.get("zero_shot", {}).items():
+      if key.startswith("top"):
+        flat[f"{name}/zero_shot_{key}"] = value
   return flat
 
 
@@ -275,7 +365,8 @@ def evaluate_during_training(config, model, params, tokenizer, workdir, step) ->
   embedder = Embedder(model, params, tokenizer, config.eval.batch_size)
   results = run(embedder, config.eval.datasets, workdir, tag=f"_step{step}",
                 synthetic_size=config.eval.size, countbench_source=config.eval.countbench_dir,
-                world_config=config)
+                world_config=config, tfds_data_dir=config.eval.tfds_data_dir,
+                class_names=config.eval.class_names)
   return scalars(results)
 
 
@@ -295,7 +386,8 @@ def main(argv):
   out = FLAGS.out or FLAGS.workdir or "runs/eval"
   results = run(Embedder(model, params, tokenizer, FLAGS.batch_size), FLAGS.data, out,
                 tag=f"_step{FLAGS.step}" if FLAGS.step is not None else "",
-                synthetic_size=FLAGS.synthetic_size, countbench_source=FLAGS.countbench)
+                synthetic_size=FLAGS.synthetic_size, countbench_source=FLAGS.countbench,
+                tfds_data_dir=FLAGS.tfds_data_dir, class_names=FLAGS.class_names)
   print(json.dumps(scalars(results), indent=1))
 
 
@@ -303,8 +395,12 @@ if __name__ == "__main__":
   flags.DEFINE_string("workdir", None, "A training run's workdir (its checkpoint).")
   flags.DEFINE_integer("step", None, "Checkpoint step (default: newest).")
   flags.DEFINE_string("hf", None, "Or a Hugging Face CLIP: hub id, local or gs:// dir.")
-  flags.DEFINE_list("data", ["synthetic"], "Eval sets: synthetic, countbench.")
+  flags.DEFINE_list("data", ["synthetic"], "Eval sets: synthetic, countbench, tfds:NAME[:SPLIT] "
+                    "(a prepared tfds classification set, zero-shot).")
   flags.DEFINE_string("countbench", "", "CountBench cache dir or parquet.")
+  flags.DEFINE_string("tfds_data_dir", "", "tfds data dir of the tfds: sets (default: tfds's).")
+  flags.DEFINE_string("class_names", "", "File of class names, one per line, for tfds sets "
+                      "whose labels are ids (imagenet2012).")
   flags.DEFINE_string("out", None, "Where eval/ goes (default: the workdir, or ./runs/eval).")
   flags.DEFINE_integer("synthetic_size", 900, "Held-out synthetic images.")
   flags.DEFINE_integer("batch_size", 64, "Eval batch size.")

@@ -71,6 +71,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
           f"{data}*{fsdp}*{t.grad_accum}; pick a batch size and fraction that split evenly")
   if t.freeze:
     re.compile(t.freeze)
+  from countclip_jax import evaluate  # pylint: disable=g-import-not-at-top
+  try:
+    evaluate.check_datasets(config.eval.datasets, config.eval.countbench_dir)
+  except ValueError as e:
+    raise ValueError(f"eval.datasets: {e}") from e
 
 
 # ----------------------------------------------------------------------------- model

@@ -81,3 +81,45 @@ def tiny_workdir(tmp_path_factory):
                  check=True, cwd=root, timeout=300, capture_output=True,
                  env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
   return str(workdir)
+
+
+# The colours of the tfds test set below: image i is a solid COLOURS[i % 3], labelled so; then
+# one red image labelled "blue" and one whose bytes are not an image.
+TFDS_COLOURS = ("red", "green", "blue")
+TFDS_RGB = {"red": (220, 20, 20), "green": (20, 200, 20), "blue": (20, 20, 220)}
+
+
+@pytest.fixture(scope="session")
+def tfds_colours_dir(tmp_path_factory):
+  """A tfds classification set 'tiny_colours' (test split, 11 examples) prepared in array_record
+  format, as `tfds build --file_format=array_record` leaves it: (data_dir, its 11 labels)."""
+  import io  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+
+  def png(colour):
+    out = io.BytesIO()
+    Image.new("RGB", (16, 12), TFDS_RGB[colour]).save(out, format="PNG")
+    return out.getvalue()
+
+  examples = [(png(TFDS_COLOURS[i % 3]), i % 3) for i in range(9)]
+  examples += [(png("red"), 2), (b"\x89PNG\r\n\x1a\n truncated", 0)]
+
+  class TinyColours(tfds.core.GeneratorBasedBuilder):
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+          "image": tfds.features.Image(shape=(None, None, 3)),
+          "label": tfds.features.ClassLabel(names=list(TFDS_COLOURS))}))
+
+    def _split_generators(self, dl_manager):
+      return {"test": self._generate_examples()}
+
+    def _generate_examples(self):
+      for i, (image, label) in enumerate(examples):
+        yield i, {"image": image, "label": label}
+
+  data_dir = tmp_path_factory.mktemp("tfds")
+  TinyColours(data_dir=str(data_dir), file_format="array_record").download_and_prepare()
+  return str(data_dir), [label for _, label in examples]

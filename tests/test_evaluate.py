@@ -8,6 +8,7 @@ import pytest
 from countclip_jax import evaluate, models
 from countclip_jax.data import countbench
 from countclip_jax.text.tokenizer import build_tokenizer
+from conftest import TFDS_COLOURS
 
 
 def one_hot_scores(predicted, candidates=evaluate.NUMBERS):
@@ -102,3 +103,67 @@ def test_countbench_eval_counts_skipped_images(embedder, tmp_path):
   assert results["countbench"]["counting"]["skipped"] == 2
   with pytest.raises(ValueError, match="needs a source"):
     evaluate.run(embedder, ["countbench"], str(tmp_path))
+
+
+class ColourEmbedder:
+  """Stands in for Embedder: an image embeds as its dominant channel, a text as the colour word
+  it names, so every zero-shot score is known in advance."""
+  batch_size = 4
+
+  def images(self, pixels):
+    return np.eye(3)[np.asarray(pixels).mean(axis=(1, 2)).argmax(-1)]
+
+  def texts(self, texts):
+    return np.eye(3)[[next(i for i, c in enumerate(TFDS_COLOURS) if c in t) for t in texts]]
+
+
+def test_zero_shot_on_a_tfds_set_counts_hits_and_skipped_images(tfds_colours_dir):
+  from countclip_jax.data import classification
+  data_dir, labels = tfds_colours_dir
+  dataset, names = classification.load("tfds:tiny_colours", 8, data_dir=data_dir)
+  result = evaluate.eval_zero_shot(ColourEmbedder(), dataset, names)["zero_shot"]
+  # 10 readable images (4-image batches, the last one padded), one of them mislabelled; the
+  # 11th does not decode.
+  assert result["n"] == 10 and result["skipped"] == 1 and result["classes"] == 3
+  assert result["top1"] == pytest.approx(9 / 10) and result["top3"] == 1.0
+  assert result["templates"] == len(evaluate.PROMPT_TEMPLATES)
+
+
+def test_top_k_hits():
+  scores = np.array([[0.1, 0.9, 0.5], [0.8, 0.1, 0.3], [0.2, 0.3, 0.1]])
+  np.testing.assert_array_equal(evaluate.top_k_hits(scores, [1, 2, 0], 1), [True, False, False])
+  np.testing.assert_array_equal(evaluate.top_k_hits(scores, [1, 2, 0], 2), [True, True, True])
+
+
+def test_tfds_eval_run_writes_results(embedder, tfds_colours_dir, tmp_path):
+  results = evaluate.run(embedder, ["tfds:tiny_colours:test"], str(tmp_path), tag="_step3",
+                         tfds_data_dir=tfds_colours_dir[0])
+  saved = json.loads((tmp_path / "eval" / "tfds_tiny_colours_test_step3.json").read_text())
+  assert saved == results["tfds_tiny_colours_test"]
+  assert saved["zero_shot"]["n"] == 10 and saved["zero_shot"]["skipped"] == 1
+  assert set(evaluate.scalars(results)) == {"tfds_tiny_colours_test/zero_shot_top1",
+                                            "tfds_tiny_colours_test/zero_shot_top3"}
+  with pytest.raises(ValueError, match="Unknown eval dataset 'cifar10'"):
+    evaluate.run(embedder, ["cifar10"], str(tmp_path))
+
+
+def test_command_line_on_a_run(tiny_workdir, tfds_colours_dir, tmp_path):
+  import subprocess
+  import sys
+  command = [sys.executable, "-m", "countclip_jax.evaluate", f"--workdir={tiny_workdir}",
+             "--data=synthetic,tfds:tiny_colours", f"--tfds_data_dir={tfds_colours_dir[0]}",
+             "--synthetic_size=45", "--batch_size=16", f"--out={tmp_path}"]
+  # The subprocess has no TinyColours class: tfds reads the prepared set from its files alone,
+  # as it would a cifar10 prepared on another machine.
+  done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-3000:]
+  printed = json.loads(done.stdout[done.stdout.index("{"):])
+  assert {"synthetic/count_accuracy", "tfds_tiny_colours/zero_shot_top1"} <= set(printed)
+  saved = json.loads((tmp_path / "eval" / "synthetic.json").read_text())
+  assert saved["counting"]["n"] == 45 and printed["synthetic/count_accuracy"] == saved[
+      "counting"]["accuracy"]
+  assert json.loads((tmp_path / "eval" / "tfds_tiny_colours.json").read_text())[
+      "zero_shot"]["skipped"] == 1
+  refused = subprocess.run(command[:4] + ["--hf=somewhere"], capture_output=True, text=True,
+                           timeout=300)
+  assert refused.returncode != 0 and "exactly one of --workdir or --hf" in refused.stderr

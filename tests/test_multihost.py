@@ -82,11 +82,15 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path):
   command = lambda workdir: [
       sys.executable, "-m", "countclip_jax.main", f"--config={TINY}", f"--workdir={workdir}",
       f"--config.train.steps={STEPS}", "--config.train.log_every=1",
-      "--config.checkpoint.every_steps=2"]
+      "--config.checkpoint.every_steps=2",
+      # Params and optimizer state sharded across the processes (the batch still is too), and
+      # the final eval computed by both from those shards.
+      "--config.mesh.data=1", "--config.mesh.fsdp=2",
+      "--config.eval.datasets=synthetic", "--config.eval.size=27", "--config.eval.batch_size=9"]
   base = {k: v for k, v in os.environ.items()
           if k not in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")}
   base.update(JAX_PLATFORMS="cpu", NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost")
-  # One process with two CPU devices, and two processes with one each: the same mesh (data=2).
+  # One process with two CPU devices, and two processes with one each: the same mesh (fsdp=2).
   # XLA's -O0 halves the CPU compile time, most of a tiny run; all three use it.
   one = {**base, "XLA_FLAGS": f"--xla_force_host_platform_device_count=2 {FAST_COMPILE}"}
   two = {**base, "XLA_FLAGS": f"--xla_force_host_platform_device_count=1 {FAST_COMPILE}",
@@ -102,8 +106,16 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path):
   assert "over 2 devices (1 processes)" in logs["one"]
   assert "over 2 devices (2 processes)" in logs["two-0"]
 
-  # Metrics (process 0 writes them, once per step): the same losses.
+  # Metrics (process 0 writes them, once per step): the same losses and the same final eval.
   single, multi = read_metrics(str(tmp_path / "one")), read_metrics(str(shared))
+  evals = lambda rows: [r for r in rows if "eval/synthetic/count_accuracy" in r]
+  assert len(evals(single)) == len(evals(multi)) == 1
+  for name in ("count_accuracy", "count_mae", "color_accuracy", "shape_accuracy"):
+    assert evals(multi)[0][f"eval/synthetic/{name}"] == pytest.approx(
+        evals(single)[0][f"eval/synthetic/{name}"], abs=1e-6), name
+  assert (shared / "eval" / f"synthetic_step{STEPS}.json").exists()
+  single, multi = [r for r in single if r not in evals(single)], [r for r in multi
+                                                                 if r not in evals(multi)]
   assert [r["step"] for r in multi] == [r["step"] for r in single] == list(range(1, STEPS + 1))
   for name in ("train/loss", "train/clip_loss", "train/count_loss", "train/grad_norm"):
     np.testing.assert_allclose([r[name] for r in multi], [r[name] for r in single], rtol=1e-5,

@@ -163,6 +163,9 @@ def test_weight_decay_only_on_kernels():
     ("count.scale", "big", "count.scale must be a positive number or 'learned'"),
     ("model.dtype", "float8", "model.dtype must be one of"),
     ("model.arch", "huge", "model.arch 'huge' is not one of"),
+    ("eval.datasets", ("synthetic", "cifar10"), r"eval.datasets: Unknown eval dataset 'cifar10'"),
+    ("eval.datasets", ("countbench",), "eval.datasets: The countbench eval needs a source"),
+    ("eval.datasets", ("tfds:",), r"eval.datasets: A tfds eval set is 'tfds:NAME\[:SPLIT\]'"),
 ])
 def test_bad_configs_fail_fast(field, value, message):
   config = tiny.get_config()
