@@ -48,8 +48,12 @@ def run_stage(name: str, workdir: str, extra: list[str]) -> float:
              f"--config={CONFIG_FILE}:{STAGES[name]}", f"--workdir={workdir}", *extra,
              "--verbosity=-1"]  # warnings and the progress bar only
   print(f"\n[{name}] {DESCRIPTIONS[name]}\n$ {' '.join(command[1:])}", flush=True)
+  # glibc then backs XLA:CPU's per-step temp buffer with huge pages instead of ~230k page faults
+  # a step: x1.1-1.3 on the demo's step (docs/PERFORMANCE.md). Read at process start, hence here;
+  # a glibc without the tunable ignores it.
+  env = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1", **os.environ}
   start = time.perf_counter()
-  subprocess.run(command, check=True)
+  subprocess.run(command, check=True, env=env)
   return time.perf_counter() - start
 
 
