@@ -7,7 +7,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_demo_smoke(tmp_path):
+def test_demo_smoke(tmp_path, monkeypatch):
   # -O0: these steps are few, so compile time dominates.
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1 "
                                     "--xla_backend_optimization_level=0"}
@@ -30,3 +30,8 @@ def test_demo_smoke(tmp_path):
   from countclip_jax import demo
   assert demo.cached(str(tmp_path / "A"), list(demo.SMOKE))
   assert not demo.cached(str(tmp_path / "A"), [])
+  # ... and so does an edited preset.
+  edited = demo.demo_config.get_config("pretrain")
+  edited.train.steps += 1
+  monkeypatch.setattr(demo.demo_config, "get_config", lambda stage: edited)
+  assert not demo.cached(str(tmp_path / "A"), list(demo.SMOKE))
