@@ -27,13 +27,12 @@ import time
 
 from absl import app, flags, logging
 
-import configs
 from configs import demo as demo_config
 from countclip_jax import export
 from countclip_jax.metric_writer import read_metrics
 
 FLAGS = flags.FLAGS
-CONFIG_FILE = os.path.join(os.path.dirname(configs.__file__), "demo.py")
+CONFIG_FILE = demo_config.__file__
 STAGES = {"A": "pretrain", "B": "count", "C": "control"}
 DESCRIPTIONS = {"A": "pretrained, no number words", "B": "fine-tuned with the counting loss",
                 "C": "control: same fine-tune, λ = 0"}

@@ -32,7 +32,6 @@ from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from countclip_jax.data import classification
-from countclip_jax.data import images as image_lib
 from countclip_jax.models.clip import CLIP, normalize
 from countclip_jax.text import numbers
 from countclip_jax.text.tokenizer import Tokenizer, fit_captions
@@ -80,10 +79,11 @@ def zero_shot_accuracy(image_emb, class_emb, labels) -> float:
                        == np.asarray(labels)))
 
 
-def top_k_hits(scores, labels, k: int) -> np.ndarray:
-  """Per row of (N, classes) scores: whether its label is among the k highest."""
-  top = np.argsort(-np.asarray(scores), axis=1, kind="stable")[:, :k]
-  return (top == np.asarray(labels)[:, None]).any(axis=1)
+def label_ranks(scores, labels) -> np.ndarray:
+  """Per row of (N, classes) scores: how many classes score above the row's label (0 = top-1;
+  the label is in the top k where the rank is below k)."""
+  scores = np.asarray(scores)
+  return np.sum(scores > scores[np.arange(len(scores)), labels][:, None], axis=1)
 
 
 def retrieval_recall(image_emb, text_emb, ks: Iterable[int] = (1, 5)) -> dict:
@@ -92,7 +92,7 @@ def retrieval_recall(image_emb, text_emb, ks: Iterable[int] = (1, 5)) -> dict:
   target = np.arange(sim.shape[0])
   out = {}
   for name, s in (("image_to_text", sim), ("text_to_image", sim.T)):
-    rank = np.sum(s > s[target, target][:, None], axis=1)  # how many beat the true pair
+    rank = label_ranks(s, target)
     for k in ks:
       out[f"{name}_r@{k}"] = float(np.mean(rank < k))
   return out
@@ -137,6 +137,15 @@ def plot_confusion(metrics: dict, path: str, title: str) -> None:
 
 # ----------------------------------------------------------------------------- embeddings
 
+@functools.lru_cache(maxsize=8)
+def _encoders(model: CLIP, out_sharding):
+  """Jitted (images, texts) -> normalised embeddings, once per model and mesh: training's
+  periodic evals build a new Embedder each time and would otherwise compile both again."""
+  encode = lambda method, p, x: normalize(model.apply({"params": p}, x, method=method))
+  jit = functools.partial(jax.jit, out_shardings=out_sharding)
+  return tuple(jit(functools.partial(encode, method)) for method in ("encode_image", "encode_text"))
+
+
 class Embedder:
   """Normalised image and text embeddings in fixed-size jitted batches (the last one padded).
 
@@ -149,10 +158,7 @@ class Embedder:
     sharding = getattr(jax.tree_util.tree_leaves(params)[0], "sharding", None)
     self._replicated = (NamedSharding(sharding.mesh, P())
                         if isinstance(sharding, NamedSharding) else None)
-    encode = lambda method, p, x: normalize(model.apply({"params": p}, x, method=method))
-    jit = functools.partial(jax.jit, out_shardings=self._replicated)
-    self._images = jit(functools.partial(encode, "encode_image"))
-    self._texts = jit(functools.partial(encode, "encode_text"))
+    self._images, self._texts = _encoders(model, self._replicated)
 
   def _batched(self, fn, x: np.ndarray) -> np.ndarray:
     out = []
@@ -247,47 +253,47 @@ def eval_synthetic(embedder: Embedder, size: int = 900, world_config=None) -> di
   return results
 
 
+def embedded_batches(embedder: Embedder, dataset, where: str):
+  """Streams a random-access eval dataset (an ImageNet never sits in memory at once): for each
+  eval batch, (image embeddings of its valid examples, those examples' fields, how many of its
+  examples are invalid: undecodable, counted as skipped)."""
+  from countclip_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  batches = pipeline.eval_batches(dataset, embedder.batch_size, process_index=0, process_count=1)
+  for batch in tqdm.tqdm(batches, total=-(-len(dataset) // embedder.batch_size), unit="batch",
+                         desc=where, disable=len(dataset) <= embedder.batch_size):
+    valid = batch["valid"]
+    rows = {k: v[valid] for k, v in batch.items()}
+    yield embedder.images(rows["image"]), rows, int(np.sum(~valid & (batch["example"] >= 0)))
+
+
 def eval_countbench(embedder: Embedder, source: str) -> dict:
   """The paper's protocol on CountBench (a download cache or a parquet copy)."""
-  from countclip_jax.data import countbench  # pylint: disable=g-import-not-at-top
-  examples, skipped = countbench.load_examples(source)
-  size = embedder.model.config.vision.image_size
-  pixels, kept = [], []
-  for example in examples:
-    try:
-      pixels.append(image_lib.preprocess(example.read(), size))
-      kept.append(example)
-    except (image_lib.BadImageError, OSError, ValueError) as e:
-      logging.warning("CountBench %d skipped: %s", example.index, e)
-      skipped += 1
-  if not kept:
+  from countclip_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  dataset, skipped = pipeline.countbench_eval_dataset(
+      source, embedder.model.config.vision.image_size)
+  image_emb, captions, counts = [], [], []
+  for emb, rows, invalid in embedded_batches(embedder, dataset, "CountBench"):
+    image_emb.append(emb)
+    captions.extend(str(c) for c in rows["caption"])
+    counts.extend(int(n) for n in rows["number"])
+    skipped += invalid
+  if not counts:
     raise ValueError(f"No CountBench image could be read from {source} ({skipped} skipped)")
-  image_emb = embedder.images(np.stack(pixels))
-  scores = candidate_scores(embedder, image_emb, [e.text for e in kept],
-                            [e.number for e in kept])
-  return {"counting": counting_metrics(scores, [e.number for e in kept], skipped=skipped)}
+  scores = candidate_scores(embedder, np.concatenate(image_emb), captions, counts)
+  return {"counting": counting_metrics(scores, counts, skipped=skipped)}
 
 
 def eval_zero_shot(embedder: Embedder, dataset, class_names: Sequence[str],
                    templates: Sequence[str] = PROMPT_TEMPLATES, where: str = "") -> dict:
   """Zero-shot classification of a random-access dataset of {"image", "label", "valid"}: the
-  nearest class by the prompt ensemble. Images stream in eval batches (ImageNet's 50k never sit
-  in memory at once); invalid ones are counted as skipped."""
-  from countclip_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  nearest class by the prompt ensemble; top-1 and top-5 accuracy, invalid images skipped."""
   class_emb = class_embeddings(embedder, [[t.format(c) for t in templates] for c in class_names])
   k = min(5, len(class_names))
   top1 = top_k = skipped = n = 0
-  batches = pipeline.eval_batches(dataset, embedder.batch_size, process_index=0, process_count=1)
-  for batch in tqdm.tqdm(batches, total=-(-len(dataset) // embedder.batch_size), unit="batch",
-                         desc=f"zero-shot {where}", disable=len(dataset) <= embedder.batch_size):
-    valid = batch["valid"]
-    skipped += int(np.sum(~valid & (batch["example"] >= 0)))
-    if valid.any():
-      scores = embedder.images(batch["image"][valid]) @ class_emb.T
-      labels = batch["label"][valid]
-      top1 += int(np.sum(top_k_hits(scores, labels, 1)))
-      top_k += int(np.sum(top_k_hits(scores, labels, k)))
-      n += len(labels)
+  for emb, rows, invalid in embedded_batches(embedder, dataset, f"zero-shot {where}"):
+    ranks = label_ranks(emb @ class_emb.T, rows["label"])
+    top1, top_k, n = top1 + int(np.sum(ranks < 1)), top_k + int(np.sum(ranks < k)), n + len(ranks)
+    skipped += invalid
   if not n:
     raise ValueError(f"No image of {where or 'the zero-shot set'} could be read "
                      f"({skipped} skipped)")

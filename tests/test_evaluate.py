@@ -129,10 +129,11 @@ def test_zero_shot_on_a_tfds_set_counts_hits_and_skipped_images(tfds_colours_dir
   assert result["templates"] == len(evaluate.PROMPT_TEMPLATES)
 
 
-def test_top_k_hits():
+def test_label_ranks_give_top_k_hits():
   scores = np.array([[0.1, 0.9, 0.5], [0.8, 0.1, 0.3], [0.2, 0.3, 0.1]])
-  np.testing.assert_array_equal(evaluate.top_k_hits(scores, [1, 2, 0], 1), [True, False, False])
-  np.testing.assert_array_equal(evaluate.top_k_hits(scores, [1, 2, 0], 2), [True, True, True])
+  ranks = evaluate.label_ranks(scores, [1, 2, 0])
+  np.testing.assert_array_equal(ranks < 1, [True, False, False])
+  np.testing.assert_array_equal(ranks < 2, [True, True, True])
 
 
 def test_tfds_eval_run_writes_results(embedder, tfds_colours_dir, tmp_path):

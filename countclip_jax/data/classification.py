@@ -16,7 +16,6 @@ import re
 
 import grain
 import numpy as np
-from absl import logging
 from etils import epath
 
 from countclip_jax.data import images
@@ -63,11 +62,8 @@ class _Examples:
 
   def __getitem__(self, index: int) -> dict:
     ex = self.source[index]
-    try:
-      image, valid = images.preprocess(bytes(ex[IMAGE_KEY]), self.image_size), True
-    except images.BadImageError as e:
-      logging.warning("%s example %d has no usable image: %s", self.where, index, e)
-      image, valid = np.zeros((self.image_size, self.image_size, 3), np.float32), False
+    image, valid = images.preprocess_or_blank(lambda: bytes(ex[IMAGE_KEY]), self.image_size,
+                                              f"{self.where} example {index}")
     return {"image": image, "label": np.int32(ex[LABEL_KEY]), "valid": valid}
 
 

@@ -12,9 +12,10 @@ from __future__ import annotations
 import io
 import math
 import struct
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
+from absl import logging
 from PIL import Image
 from PIL import JpegImagePlugin
 
@@ -194,3 +195,14 @@ def preprocess_batch(images: Sequence[Image.Image | bytes], size: int = 224, *,
     except BadImageError as e:
       raise BadImageError(f"Image {i} of the batch: {e}") from e
   return out
+
+
+def preprocess_or_blank(read: Callable[[], bytes], size: int, what: str
+                        ) -> tuple[np.ndarray, bool]:
+  """Eval input: (`preprocess(read(), size)`, True), or a blank image and False (logged) when
+  the bytes cannot be read or decoded, so that an eval counts the image as skipped."""
+  try:
+    return preprocess(read(), size), True
+  except (BadImageError, OSError, ValueError) as e:
+    logging.warning("%s has no usable image: %s", what, e)
+    return np.zeros((size, size, 3), np.float32), False

@@ -497,11 +497,8 @@ class _CountBenchEval:
 
   def __getitem__(self, index: int) -> dict:
     ex = self.examples[index]
-    try:
-      image, valid = images.preprocess(ex.read(), self.image_size), True
-    except (images.BadImageError, OSError, ValueError) as e:
-      logging.warning("CountBench example %d (%s) has no usable image: %s", ex.index, ex.url, e)
-      image, valid = np.zeros((self.image_size, self.image_size, 3), np.float32), False
+    image, valid = images.preprocess_or_blank(ex.read, self.image_size,
+                                              f"CountBench example {ex.index} ({ex.url})")
     return {"image": image, "number": np.int32(ex.number), "caption": ex.text,
             "index": np.int32(ex.index), "valid": valid}
 
