@@ -11,7 +11,8 @@ accuracy, accuracy per true number, mean absolute count error, the confusion mat
 PNG heat map, rows = true number) and how many images were skipped, never silently.
 Retention: zero-shot classification with CLIP's prompt ensemble, on the synthetic world's colours
 and shapes or on a prepared tfds classification set (`tfds:NAME[:SPLIT]`, data/classification.py);
-image-text retrieval recall@k and count retrieval on the synthetic world.
+image-text retrieval recall@k and count retrieval on the synthetic world; count retrieval
+("three dogs": do the top-k images show three?) on CountBench.
 Results go to OUT/eval/<data>[_step<N>].json (+ PNGs); training's periodic evals call the same
 functions.
 """
@@ -107,6 +108,33 @@ def count_retrieval(image_emb, prompt_emb, image_numbers, candidates=NUMBERS, k=
                for i, n in enumerate(candidates)}
   return {"precision_at_k": precision, "k": k,
           "mean_precision_at_k": float(np.mean(list(precision.values())))}
+
+
+# Where a caption's object phrase ends: prepositions, conjunctions, and the verbs and stock-photo
+# tags that most often follow the objects in CountBench's captions ("two kittens sitting",
+# "nine padlocks vector").
+_PHRASE_END = frozenset("""in on at with of from for by and or to into onto over under near against
+    that who which are is was were isolated sitting standing lying set vector illustration photo
+    stock image clipart background as per each""".split())
+_PHRASE_BREAK = re.compile(r"[.,;:!?()\[\]\"|/]|\s[-\u2013\u2014]|[-\u2013\u2014]\s")
+
+
+def object_phrase(caption: str, count: int, max_words: int = 4) -> str | None:
+  """What a counting caption counts, lowercased: the words after its count word up to the first
+  punctuation mark or _PHRASE_END word, at most `max_words` ("Set of nine padlocks vector" ->
+  "padlocks", "ten multicolored butterflies on a white background" -> "multicolored
+  butterflies"). A rule, not a parser: "ten white and brown eggs" gives "white". None when the
+  caption has no word for `count` or nothing follows it."""
+  mentions = [m for m in numbers.find_numbers(caption) if m.value == count]
+  mentions = [m for m in mentions if m.reason is None] or mentions
+  if not mentions:
+    return None
+  words = []
+  for word in _PHRASE_BREAK.split(caption[mentions[0].end:])[0].split()[:max_words]:
+    if word.lower() in _PHRASE_END:
+      break
+    words.append(word.lower())
+  return " ".join(words) or None
 
 
 def plot_confusion(metrics: dict, path: str, title: str) -> None:
@@ -266,8 +294,30 @@ def embedded_batches(embedder: Embedder, dataset, where: str):
     yield embedder.images(rows["image"]), rows, int(np.sum(~valid & (batch["example"] >= 0)))
 
 
-def eval_countbench(embedder: Embedder, source: str) -> dict:
-  """The paper's protocol on CountBench (a download cache or a parquet copy)."""
+def countbench_count_retrieval(embedder: Embedder, image_emb, captions: Sequence[str],
+                               counts: Sequence[int], k: int = 10) -> dict | None:
+  """Text-to-image count retrieval over CountBench's images: for each object phrase its captions
+  name ("dogs") and each number, the query "three dogs" ranks all the images; precision@k is the
+  share of the top k that show three objects (the label is the count, of whatever objects),
+  averaged over the objects. None for a number no image shows; `base_rate`: the share of the
+  images that show each number (a model blind to numbers scores about that)."""
+  objects = sorted({p for p in map(object_phrase, captions, counts) if p})
+  if not objects:
+    return None
+  queries = [f"{numbers.number_word(n)} {o}" for o in objects for n in NUMBERS]
+  text_emb = embedder.texts(queries).reshape(len(objects), len(NUMBERS), -1)
+  k = min(k, len(counts))
+  per_object = [count_retrieval(image_emb, t, counts, k=k)["precision_at_k"] for t in text_emb]
+  base = {str(n): float(np.mean(np.asarray(counts) == n)) for n in NUMBERS}
+  precision = {n: float(np.mean([p[n] for p in per_object])) if base[n] else None for n in base}
+  shown = [v for v in precision.values() if v is not None]
+  return {"precision_at_k": precision, "mean_precision_at_k": float(np.mean(shown)), "k": k,
+          "objects": len(objects), "base_rate": base}
+
+
+def eval_countbench(embedder: Embedder, source: str, retrieval_k: int = 10) -> dict:
+  """The paper's protocol on CountBench (a download cache or a parquet copy), and count
+  retrieval precision@retrieval_k ("three dogs" -> images of three things)."""
   from countclip_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   dataset, skipped = pipeline.countbench_eval_dataset(
       source, embedder.model.config.vision.image_size)
@@ -279,8 +329,13 @@ def eval_countbench(embedder: Embedder, source: str) -> dict:
     skipped += invalid
   if not counts:
     raise ValueError(f"No CountBench image could be read from {source} ({skipped} skipped)")
-  scores = candidate_scores(embedder, np.concatenate(image_emb), captions, counts)
-  return {"counting": counting_metrics(scores, counts, skipped=skipped)}
+  image_emb = np.concatenate(image_emb)
+  scores = candidate_scores(embedder, image_emb, captions, counts)
+  result = {"counting": counting_metrics(scores, counts, skipped=skipped)}
+  retrieval = countbench_count_retrieval(embedder, image_emb, captions, counts, retrieval_k)
+  if retrieval is not None:
+    result["count_retrieval"] = retrieval
+  return result
 
 
 def eval_zero_shot(embedder: Embedder, dataset, class_names: Sequence[str],

@@ -101,8 +101,71 @@ def test_countbench_eval_counts_skipped_images(embedder, tmp_path):
                          countbench_source=str(tmp_path / "countbench.parquet"))
   assert results["countbench"]["counting"]["n"] == 3
   assert results["countbench"]["counting"]["skipped"] == 2
+  saved = json.loads((tmp_path / "eval" / "countbench.json").read_text())
+  assert saved["count_retrieval"]["k"] == 3 and saved["count_retrieval"]["objects"] == 3
+  assert saved["count_retrieval"]["precision_at_k"]["2"] is None  # no readable image shows two
   with pytest.raises(ValueError, match="needs a source"):
     evaluate.run(embedder, ["countbench"], str(tmp_path))
+
+
+@pytest.mark.parametrize("caption, count, phrase", [
+    ("Set of nine padlocks vector", 9, "padlocks"),
+    ("two kittens sitting", 2, "kittens"),
+    ("Ten multicolored butterflies on a white background", 10, "multicolored butterflies"),
+    ("Photo of three young crazy girlfriends lying on the couch", 3, "young crazy girlfriends"),
+    ("Nine cartoon owl outlines - Set of nine stylized...", 9, "cartoon owl outlines"),
+    ("a two-tone car and five red apples, fresh", 5, "red apples"),
+    ("Doctor gesture and pose of the six", 6, None),
+    ("a bowl of apples", 3, None),
+])
+def test_object_phrase(caption, count, phrase):
+  assert evaluate.object_phrase(caption, count) == phrase
+
+
+class CountingEmbedder:
+  """An ideal counter: an image embeds as the count its red level encodes (20 per object), a
+  text as the number it states; the real tokenizer and image size, for the eval's plumbing."""
+  batch_size = 4
+
+  def __init__(self, real):
+    self.model, self.tokenizer = real.model, real.tokenizer
+
+  def images(self, pixels):
+    from countclip_jax.data import images
+    red = (np.asarray(pixels)[..., 0].mean(axis=(1, 2)) * images.CLIP_STD[0]
+           + images.CLIP_MEAN[0]) * 255
+    return np.eye(11)[np.rint(red / 20).astype(int)]
+
+  def texts(self, texts):
+    from countclip_jax.text import numbers
+    return np.eye(11)[[numbers.parse_count(t) or 0 for t in texts]]
+
+
+def test_countbench_count_retrieval_on_a_download_cache(embedder, tmp_path):
+  from PIL import Image
+  import io
+  captions = [("two dogs on a sofa", 2), ("Two red apples.", 2), ("three dogs", 3),
+              ("three cats in a box", 3), ("four cats", 4), ("four red apples, fresh", 4),
+              ("five cats", 5)]
+  entries = [{"image_url": f"http://images.test/{i}.png", "text": t, "number": n}
+             for i, (t, n) in enumerate(captions)]
+  (tmp_path / "images").mkdir()
+  (tmp_path / "entries.json").write_text(json.dumps(entries))
+  for i, (_, n) in enumerate(captions):
+    png = io.BytesIO()
+    Image.new("RGB", (20, 14), (20 * n, 0, 0)).save(png, format="PNG")
+    data = png.getvalue() if n != 5 else b"\x89PNG broken"  # the five cats do not decode
+    with open(countbench.cache_path(str(tmp_path), entries[i]["image_url"]), "wb") as f:
+      f.write(data)
+  result = evaluate.eval_countbench(CountingEmbedder(embedder), str(tmp_path), retrieval_k=2)
+  assert result["counting"]["accuracy"] == 1.0 and result["counting"]["skipped"] == 1
+  retrieval = result["count_retrieval"]
+  # "red apples", "dogs", "cats" (only from images that decode: the five cats are not a query).
+  assert retrieval["objects"] == 3 and retrieval["k"] == 2
+  assert retrieval["precision_at_k"] == {"2": 1.0, "3": 1.0, "4": 1.0, **{
+      str(n): None for n in range(5, 11)}}
+  assert retrieval["mean_precision_at_k"] == 1.0
+  assert retrieval["base_rate"]["2"] == pytest.approx(2 / 6) and retrieval["base_rate"]["5"] == 0
 
 
 class ColourEmbedder:
