@@ -73,6 +73,7 @@ import numpy as np
 from configs import common
 from countclip_jax import models, sharding, trainer
 from countclip_jax.data import pipeline
+from countclip_jax.tasks import contrastive
 from countclip_jax.models import clip
 from countclip_jax.models.clip import CLIPConfig
 # pylint: enable=g-import-not-at-top,wrong-import-position
@@ -300,7 +301,7 @@ def layers_for(variant: "Variant"):
 def _model(config, tokenizer, variant: Variant):
   if variant.remat not in ("none", *REMAT_POLICIES):
     raise ValueError(f"remat={variant.remat!r} is not one of none, {', '.join(REMAT_POLICIES)}")
-  model, _ = trainer.build_model(config, tokenizer)
+  model, _ = contrastive.TASK.build_model(config, tokenizer)
   return model
 
 
@@ -367,11 +368,12 @@ def build(args, variant: Variant, compile_only: bool = False) -> Bench:
   trainer.validate(config)
   mesh = sharding.make_mesh(config.mesh)
   model = _model(config, tokenizer, variant)
-  shapes = models.param_shapes(model)
+  task = contrastive.TASK
+  shapes = trainer.param_shapes(task, model)
   tx, schedule = trainer.make_optimizer(config, shapes)
-  state_shapes, shardings = trainer.state_layout(model, tx, mesh)
-  step = trainer.make_train_step(model, tx, schedule, config, mesh, shardings)
-  batch_sharding = trainer.batch_shardings(mesh)
+  state_shapes, shardings = trainer.state_layout(task, model, tx, mesh)
+  step = trainer.make_train_step(task, model, tx, schedule, config, mesh, shardings)
+  batch_sharding = task.batch_shardings(mesh)
   image_size = model.config.vision.image_size
   length = variant.text or getattr(args, "text_length", None)
   example = host_batch(config, tokenizer, image_size, length=length)
@@ -392,7 +394,7 @@ def build(args, variant: Variant, compile_only: bool = False) -> Bench:
 
   state, batches = None, []
   if not compile_only:
-    state = trainer.init_state(model, tx, None, jax.random.key(0), mesh, shardings)
+    state = trainer.init_state(task, model, tx, None, jax.random.key(0), mesh, shardings)
     if variant.feed == "host":
       batches = [host_batch(config, tokenizer, image_size, seed, length) for seed in range(4)]
     else:

@@ -8,6 +8,7 @@ import ml_collections
 
 def base() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
+  c.task = "contrastive"       # contrastive (the counting fine-tune) | density (CLIP-Count)
 
   c.model = ml_collections.ConfigDict()
   c.model.init = ""            # HF hub id, local dir or gs:// dir to start from; "" = random init
@@ -57,6 +58,32 @@ def base() -> ml_collections.ConfigDict:
   c.count.num_counterfactuals = 1  # K: 1 = the paper (one wrong number); 8 = all wrong numbers
   # s in L_count: a float (1.0 = the paper's raw cosine) or "learned" (the model's logit scale).
   c.count.scale = ml_collections.FieldReference(1.0, field_type=object)
+
+  # task = "density": CLIP-Count's density counting (data/density_pipeline.py, models/density.py).
+  c.density = ml_collections.ConfigDict()
+  c.density.source = "synthetic"  # synthetic (data/dense_synthetic.py) | fsc147 | carpk |
+                                  # shanghaitech_a | shanghaitech_b
+  c.density.data_dir = ""      # root of a real set, in its published layout (counting_datasets)
+  c.density.crop_size = 384    # real sets: resized to this height, random square crop of this
+                               # side (CLIP-Count); the synthetic world is not cropped
+  # Gaussian sigma of the target maps in pixels (CLIP-Count's is 1), or "adaptive" (MCNN's).
+  c.density.sigma = ml_collections.FieldReference(1.0, field_type=object)
+  c.density.scale = 60.0       # targets are density x this (CLIP-Count's x60); count = sum / scale
+  c.density.other_prompts = -1  # E prompts of other kinds per image (-1: 2 synthetic, 0 real)
+  c.density.prompt_template = "{}"  # formatted with the class name (CLIP-Count: the bare name)
+  c.density.model = "tiny"     # models.density.PRESETS key: clip_count (B/16) | tiny
+  c.density.pooling = "eot"    # how the text tower pools the prompt (eot token)
+  c.density.cross_attention = "tokens"  # what the image attends to: the prompt's tokens
+  c.density.contrastive_weight = 0.0  # weight of CLIP-Count's patch-text contrastive loss
+  c.density.prompt_contrast_weight = 1.0  # weight of the other-prompt (absent / other kind) loss
+  c.density.contrastive_only_steps = 0  # first steps trained on the contrastive loss alone
+  c.density.eval_size = 300    # held-out synthetic images (real sets: their whole eval split)
+  c.density.eval_window_stride = 128  # sliding-window stride (px) over full real eval images
+  c.density.synthetic = ml_collections.ConfigDict()
+  c.density.synthetic.size = 100_000  # examples in the dense world's train split
+  c.density.synthetic.max_count = 50  # most objects of the prompted kind (at least 1)
+  c.density.synthetic.minority_prob = 0.5  # chance another kind outnumbers the prompted one
+  c.density.synthetic.image_size = 0  # px the world renders at; 0 = the model's image size
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1             # data-parallel axis; -1 = all devices left over

@@ -1,10 +1,11 @@
-"""Orbax checkpoints under WORKDIR/checkpoints: train state + each host's data-iterator state.
+"""Orbax checkpoints under WORKDIR/checkpoints: the train state.
 
 A small API, as in MaxText: `create_manager`, `restore_or_none`, `save`, `restore_params`.
 Saves are asynchronous (the step loop goes on while the arrays are written), keep the last
 `max_to_keep`, and happen every `every_steps`, at the end, and when the run is preempted
 (SIGTERM, or a TPU maintenance notice seen by Orbax). A run started again with the same workdir
-resumes from the newest checkpoint and sees the same data it would have seen.
+resumes from the newest checkpoint, on any mesh and process count, and sees the same data it
+would have seen: batch i is a pure function of i, so the step is the data position.
 """
 from __future__ import annotations
 
@@ -12,13 +13,10 @@ import os
 import signal
 import threading
 
-import grain
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
-from jax.experimental import multihost_utils
 
 
 # Beside the checkpoints in the workdir: the model's architecture (HF CLIPConfig JSON), so that
@@ -41,38 +39,40 @@ def create_manager(workdir: str, every_steps: int, max_to_keep: int,
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
 
 
-def save(manager: ocp.CheckpointManager, step: int, state, data_iterator=None,
-         force: bool = False) -> bool:
-  """Saves when the interval says so (or `force`); returns whether a save was started."""
-  items = {"state": ocp.args.StandardSave(state)}
-  if data_iterator is not None:
-    items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
-  return manager.save(step, args=ocp.args.Composite(**items), force=force)
+def save(manager: ocp.CheckpointManager, step: int, state, force: bool = False) -> bool:
+  """Saves when the interval (or a preemption sync point) says so, or `force`; returns whether
+  a save was started."""
+  return manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)),
+                      force=force)
 
 
-def restore_or_none(manager: ocp.CheckpointManager, abstract_state, data_iterator=None):
-  """(step, state) from the newest checkpoint, restoring `data_iterator` in place; or None.
+def restore_or_none(manager: ocp.CheckpointManager, abstract_state):
+  """(step, state) from the newest checkpoint, or None.
 
   `abstract_state` is a tree of jax.ShapeDtypeStruct with shardings: the arrays come back
-  sharded as the training step expects, whatever mesh wrote them.
+  sharded as the training step expects, whatever mesh or process count wrote them. Only the
+  state is read: checkpoints of older versions also hold a per-process "data" item, which the
+  step now determines.
   """
   step = manager.latest_step()
   if step is None:
     return None
-  items = {"state": ocp.args.StandardRestore(abstract_state)}
-  if data_iterator is not None:
-    items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-  restored = manager.restore(step, args=ocp.args.Composite(**items))
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract_state)))
   logging.info("Restored checkpoint %d from %s", step, manager.directory)
   return step, restored["state"]
 
 
-def restore_params(workdir: str, step: int | None = None):
-  """The params alone (host numpy arrays, as saved) from WORKDIR/checkpoints."""
-  # With the handler named, item_metadata describes the arrays (else it is None, and Orbax
-  # restores onto the writer's devices: a pod's, or another process's, are not here).
+def restore_params(workdir: str, step: int | None = None, shardings=None):
+  """The params alone from WORKDIR/checkpoints: never the optimizer state (an Orbax partial
+  restore reads only the params' files: a third of the state, what export and eval need).
+
+  shardings: None for host numpy arrays, or a tree like the params of jax.sharding.Shardings
+  to get global arrays placed shard by shard (each host reads only its shards).
+  """
+  # With the handler named, item_metadata describes the arrays (else it is None).
   manager = ocp.CheckpointManager(checkpoint_dir(workdir),
-                                  item_handlers={"state": ocp.StandardCheckpointHandler()})
+                                  item_handlers={"state": ocp.PyTreeCheckpointHandler()})
   step = manager.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f"No checkpoint in {checkpoint_dir(workdir)}")
@@ -80,22 +80,35 @@ def restore_params(workdir: str, step: int | None = None):
     raise FileNotFoundError(f"No checkpoint of step {step} in {checkpoint_dir(workdir)} "
                             f"(have {sorted(manager.all_steps())})")
   metadata = manager.item_metadata(step)["state"]
-  # Restore onto this host's devices unsharded, whatever sharding wrote it.
-  sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  abstract = jax.tree_util.tree_map(
-      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), metadata)
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract)))
-  return jax.device_get(restored["state"]["params"])
+  metadata = getattr(metadata, "tree", metadata)["params"]
+  to_host = shardings is None
+  if to_host:  # onto this host's first device, whatever sharding wrote it
+    one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    shardings = jax.tree_util.tree_map(lambda _: one, metadata)
+  abstract = {"params": jax.tree_util.tree_map(
+      lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s), metadata, shardings)}
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+      item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+      partial_restore=True)))
+  manager.close()
+  params = restored["state"]["params"]
+  return jax.device_get(params) if to_host else params
 
 
 class PreemptionWatch:
-  """Notices SIGTERM (what a preempted VM or `kill` sends) so the loop can save and stop."""
+  """Tells the loop when to save and stop, by one path per setting.
+
+  Several processes: JAX's coordination service. `jax.distributed.initialize()` installs its
+  own SIGTERM handler (and on TPU VMs listens for maintenance notices), and all processes agree
+  on the step to stop at; Orbax's `reached_preemption` asks it, and the interval save of that
+  step already saves. Nothing here replaces the handler, and no collective runs per step.
+  One process: the coordination service is not running, so SIGTERM sets a flag here.
+  """
 
   def __init__(self):
     self._event = threading.Event()
     self._previous = None
-    if threading.current_thread() is threading.main_thread():
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
       self._previous = signal.signal(signal.SIGTERM, self._on_signal)
 
   def _on_signal(self, signum, frame):
@@ -103,16 +116,9 @@ class PreemptionWatch:
     logging.warning("SIGTERM received: saving a checkpoint and stopping after this step.")
     self._event.set()
 
-  def preempted(self, manager: ocp.CheckpointManager, step: int, sync_every: int = 10) -> bool:
-    """Whether to save and stop now; all hosts agree (a signal may reach only some)."""
-    if manager.reached_preemption(step):
-      return True
-    if jax.process_count() == 1:
-      return self._event.is_set()
-    if step % sync_every:  # a cross-host sync every step would stall the async dispatch
-      return False
-    flags = multihost_utils.process_allgather(np.int32(self._event.is_set()))
-    return bool(np.any(flags))
+  def preempted(self, manager: ocp.CheckpointManager, step: int) -> bool:
+    """Whether to stop after `step`; on several processes all of them answer alike."""
+    return manager.reached_preemption(step) or self._event.is_set()
 
   def close(self):
     if self._previous is not None:

@@ -1,4 +1,4 @@
-"""Fine-tuning CLIP with L = L_clip + λ L_count: train state, the sharded step, the loop.
+"""The one training loop of every task (tasks/): train state, the sharded step, the loop.
 
 `train_and_evaluate(config, workdir)` reads top to bottom like big_vision's trainers: mesh,
 tokenizer and model, input, optimizer and shardings, checkpoint (resume or init), the jitted
@@ -6,9 +6,7 @@ step, the loop with its metrics, checkpoints and evals.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
-import math
 import re
 import time
 from typing import Any
@@ -24,79 +22,32 @@ from absl import logging
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from countclip_jax import checkpoints, losses, models, sharding
+from countclip_jax import checkpoints, sharding, tasks
 from countclip_jax.data import pipeline
 from countclip_jax.metric_writer import MetricWriter
-from countclip_jax.models import hf
-from countclip_jax.models.clip import CLIP, normalize
 from countclip_jax.text.tokenizer import Tokenizer
 
-MAX_LOGIT_SCALE = math.log(100.0)
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+DTYPES = tasks.DTYPES
 
 
 # ----------------------------------------------------------------------------- config checks
 
 def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
-  """Fails fast, before anything is compiled, with a message naming the field."""
+  """Fails fast, before anything is compiled, with a message naming the field: the loop's
+  fields here, the task's in its own `validate`."""
   num_devices = jax.device_count() if num_devices is None else num_devices
-  t, c = config.train, config.count
-  if not 0.0 <= c.fraction <= 1.0:
-    raise ValueError(f"count.fraction (p) must be in [0, 1], got {c.fraction}")
-  if not 1 <= c.num_counterfactuals <= 8:
-    raise ValueError(f"count.num_counterfactuals (K) must be 1..8, got {c.num_counterfactuals}")
-  if c.scale != "learned" and not (isinstance(c.scale, (int, float)) and c.scale > 0):
-    raise ValueError(f"count.scale must be a positive number or 'learned', got {c.scale!r}")
-  if c.lam < 0:
-    raise ValueError(f"count.lam (λ) must be >= 0, got {c.lam}")
+  t = config.train
   if config.model.dtype not in DTYPES:
     raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {config.model.dtype!r}")
-  if not config.model.init and config.model.arch not in models.ARCHITECTURES:
-    raise ValueError(f"model.arch {config.model.arch!r} is not one of "
-                     f"{sorted(models.ARCHITECTURES)} (or set model.init)")
   for name in ("steps", "batch_size", "grad_accum", "log_every"):
     if t[name] < 1:
       raise ValueError(f"train.{name} must be >= 1, got {t[name]}")
   if config.checkpoint.every_steps < 1:
     raise ValueError(f"checkpoint.every_steps must be >= 1, got {config.checkpoint.every_steps}")
-  data, fsdp, model = sharding.mesh_shape(config.mesh, num_devices)
-  parallel = data * fsdp * t.grad_accum
-  counting, general = pipeline.split_sizes(t.batch_size, c.fraction)
-  for name, size in (("counting", counting), ("general", general)):
-    if size % parallel:
-      raise ValueError(
-          f"train.batch_size {t.batch_size} with count.fraction {c.fraction} gives {size} "
-          f"{name} examples, not divisible by mesh.data*mesh.fsdp*train.grad_accum = "
-          f"{data}*{fsdp}*{t.grad_accum}; pick a batch size and fraction that split evenly")
+  sharding.mesh_shape(config.mesh, num_devices)
   if t.freeze:
     re.compile(t.freeze)
-  from countclip_jax import evaluate  # pylint: disable=g-import-not-at-top
-  try:
-    evaluate.check_datasets(config.eval.datasets, config.eval.countbench_dir)
-  except ValueError as e:
-    raise ValueError(f"eval.datasets: {e}") from e
-
-
-# ----------------------------------------------------------------------------- model
-
-def build_model(config, tokenizer: Tokenizer):
-  """(model, params or None): pretrained from model.init, or the architecture sized to the
-  tokenizer (vocabulary, eos id, context length) for a run from scratch."""
-  dtype = DTYPES[config.model.dtype]
-  if config.model.init:
-    model, params = models.load_pretrained(config.model.init, dtype=dtype,
-                                           remat=config.model.remat)
-    if tokenizer.context_length > model.config.text.context_length:
-      raise ValueError(f"data.context_length {tokenizer.context_length} exceeds the model's "
-                       f"{model.config.text.context_length}")
-    return model, params
-  arch = models.ARCHITECTURES[config.model.arch]
-  text = dataclasses.replace(arch.text, vocab_size=tokenizer.vocab_size,
-                             eos_token_id=tokenizer.eos_token_id,
-                             context_length=tokenizer.context_length)
-  return CLIP(dataclasses.replace(arch, text=text), dtype=dtype,
-              remat=config.model.remat), None
+  tasks.get(config.task).validate(config, num_devices)
 
 
 # ----------------------------------------------------------------------------- optimizer
@@ -148,11 +99,16 @@ def new_state(params, tx) -> TrainState:
                     skipped=zero)
 
 
-def state_layout(model: CLIP, tx, mesh) -> tuple[TrainState, TrainState]:
+def param_shapes(task: tasks.Task, model):
+  """The params' ShapeDtypeStructs, without allocating anything."""
+  return jax.eval_shape(functools.partial(task.init_params, model), jax.random.key(0))
+
+
+def state_layout(task: tasks.Task, model, tx, mesh) -> tuple[TrainState, TrainState]:
   """(shapes, shardings) of the train state, without allocating anything."""
-  shapes = models.param_shapes(model)
+  shapes = param_shapes(task, model)
   state_shapes = jax.eval_shape(functools.partial(new_state, tx=tx), shapes)
-  param_shardings = sharding.param_shardings(mesh, models.logical_axes(model), shapes)
+  param_shardings = sharding.param_shardings(mesh, task.logical_axes(model), shapes)
   return state_shapes, state_shardings(mesh, state_shapes, param_shardings)
 
 
@@ -177,49 +133,12 @@ def state_shardings(mesh, state_shapes: TrainState, param_shardings) -> TrainSta
 
 # ----------------------------------------------------------------------------- the step
 
-def batch_shardings(mesh) -> dict:
-  s = lambda ndim: sharding.batch_sharding(mesh, ndim)
-  return {"count": {"image": s(4), "text": s(2), "cf_text": s(3), "number": s(1),
-                    "cf_number": s(2)},
-          "general": {"image": s(4), "text": s(2)}}
-
-
-def loss_fn(params, batch, model: CLIP, count_config, logits_sharding=None):
-  """L_clip over all pairs + λ L_count over the counting pairs; returns (loss, metrics)."""
-  apply = lambda method, x: model.apply({"params": params}, x, method=method)
-  count, general = batch["count"], batch["general"]
-  num_count, k, length = count["cf_text"].shape
-  num_general = general["text"].shape[0]
-  # One text-encoder pass over true captions and counterfactuals: token ids are cheap to move
-  # between devices, and one big matmul beats three small ones. Images stay in two passes.
-  all_texts = normalize(apply("encode_text", jnp.concatenate(
-      [count["text"], general["text"], count["cf_text"].reshape(num_count * k, length)])))
-  texts, cf = all_texts[:num_count + num_general], all_texts[num_count + num_general:]
-  images = normalize(jnp.concatenate([apply("encode_image", count["image"]),
-                                      apply("encode_image", general["image"])]))
-  scale = jnp.exp(params["logit_scale"].astype(jnp.float32))
-  clip = losses.clip_loss(images, texts, scale, logits_sharding)
-  metrics = {"clip_loss": clip, "logit_scale": scale}
-  loss = clip
-  if num_count:
-    # With λ = 0 the counting terms are only measured, so no gradient flows through them.
-    guard = (lambda x: x) if count_config.lam else jax.lax.stop_gradient
-    s = scale if count_config.scale == "learned" else float(count_config.scale)
-    count_loss, count_acc = losses.counting_loss(
-        guard(images[:num_count]), guard(texts[:num_count]), guard(cf.reshape(num_count, k, -1)),
-        scale=guard(s))
-    loss = loss + count_config.lam * count_loss
-    metrics.update(count_loss=count_loss, count_accuracy=count_acc)
-  return loss, {"loss": loss, **metrics}
-
-
-def make_train_step(model: CLIP, tx, schedule, config, mesh, shardings: TrainState):
+def make_train_step(task: tasks.Task, model, tx, schedule, config, mesh,
+                    shardings: TrainState):
   """The jitted step: explicit in/out shardings, donated state, grad accumulation by scan."""
   accum = config.train.grad_accum
-  logits_sharding = NamedSharding(mesh, P(sharding.BATCH_AXES, None))
   grad_fn = jax.value_and_grad(functools.partial(
-      loss_fn, model=model, count_config=config.count, logits_sharding=logits_sharding),
-      has_aux=True)
+      task.loss_fn, model=model, config=config, mesh=mesh), has_aux=True)
 
   def micro_batches(batch):
     # (B, ...) -> (A, B/A, ...) taking every A-th row, so each device keeps its own rows.
@@ -228,14 +147,14 @@ def make_train_step(model: CLIP, tx, schedule, config, mesh, shardings: TrainSta
 
   def step(state: TrainState, batch):
     if accum == 1:
-      (_, metrics), grads = grad_fn(state.params, batch)
+      (_, metrics), grads = grad_fn(state.params, batch, state.step)
     else:
       def body(carry, micro):
-        (_, m), g = grad_fn(state.params, micro)
+        (_, m), g = grad_fn(state.params, micro, state.step)
         return jax.tree_util.tree_map(jnp.add, carry, (g, m)), None
       micro = micro_batches(batch)
       (_, metric_shapes), grad_shapes = jax.eval_shape(
-          grad_fn, state.params, jax.tree_util.tree_map(lambda x: x[0], micro))
+          grad_fn, state.params, jax.tree_util.tree_map(lambda x: x[0], micro), state.step)
       zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype),
                                      (grad_shapes, metric_shapes))
       (grads, metrics), _ = jax.lax.scan(body, zeros, micro)
@@ -243,8 +162,7 @@ def make_train_step(model: CLIP, tx, schedule, config, mesh, shardings: TrainSta
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    params = {**params, "logit_scale": jnp.clip(params["logit_scale"], None, MAX_LOGIT_SCALE)}
+    params = task.constrain(optax.apply_updates(state.params, updates))
     keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)
     new_state = TrainState(
         step=state.step + 1, params=keep(params, state.params),
@@ -255,7 +173,7 @@ def make_train_step(model: CLIP, tx, schedule, config, mesh, shardings: TrainSta
                "skipped": (~finite).astype(jnp.float32), "nonfinite_run": new_state.nonfinite}
     return new_state, metrics
 
-  return jax.jit(step, in_shardings=(shardings, batch_shardings(mesh)),
+  return jax.jit(step, in_shardings=(shardings, task.batch_shardings(mesh)),
                  out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=(0,),
                  compiler_options=_compiler_options(mesh))
 
@@ -270,11 +188,12 @@ def _compiler_options(mesh) -> dict | None:
   return None
 
 
-def init_state(model, tx, params, rng, mesh, shardings: TrainState) -> TrainState:
+def init_state(task: tasks.Task, model, tx, params, rng, mesh,
+               shardings: TrainState) -> TrainState:
   """The train state on the mesh: random params (init jitted with out_shardings, so big models
   never sit whole on one device) or loaded ones placed shard by shard."""
   if params is None:
-    params = jax.jit(functools.partial(models.init_params, model),
+    params = jax.jit(functools.partial(task.init_params, model),
                      out_shardings=shardings.params)(rng)
   else:
     params = jax.tree_util.tree_map(
@@ -312,11 +231,11 @@ def save_config(config, workdir: epath.Path) -> None:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (or resumes) to config.train.steps; returns the last logged metrics."""
-  from countclip_jax import evaluate  # pylint: disable=g-import-not-at-top
 
   # ---- Setup: fail on a bad config before anything is compiled.
   sharding.initialize_distributed()
   validate(config)
+  task = tasks.get(config.task)
   workdir = epath.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   save_config(config, workdir)
@@ -327,39 +246,47 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   logging.info("Mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size,
                jax.process_count())
 
-  # ---- Tokenizer and model.
+  # ---- Tokenizer and model (the pretrained weights are read only for a fresh start).
   tokenizer = make_tokenizer(config, workdir)
-  model, pretrained = build_model(config, tokenizer)
-  if primary:  # what export and eval need to rebuild the model from the checkpoints alone
-    (workdir / checkpoints.MODEL_CONFIG).write_text(hf.config_to_hf(model.config).to_json_string())
-  shapes = models.param_shapes(model)
-  logging.info("Model: %s params", f"{sum(x.size for x in jax.tree_util.tree_leaves(shapes)):,}")
-
-  # ---- Input: this process's share of every global batch.
-  train_iter = pipeline.train_iterator(config, tokenizer, model.config.vision.image_size)
-
-  # ---- Optimizer and shardings.
-  tx, schedule = make_optimizer(config, shapes)
-  state_shapes, shardings = state_layout(model, tx, mesh)
-
-  # ---- Checkpoint: resume where a previous run of this workdir stopped, or start.
   manager = checkpoints.create_manager(str(workdir), config.checkpoint.every_steps,
                                        config.checkpoint.max_to_keep,
                                        config.checkpoint.async_save)
+  if manager.latest_step() is not None:  # a resume: the checkpoint holds the weights
+    model, pretrained = task.model_from_workdir(config, str(workdir)), None
+  else:
+    model, pretrained = task.build_model(config, tokenizer)
+  if primary:  # what export and eval need to rebuild the model from the checkpoints alone
+    for name, text in task.model_files(model).items():
+      (workdir / name).write_text(text)
+
+  # ---- Optimizer and shardings.
+  shapes = param_shapes(task, model)
+  logging.info("Model: %s params", f"{sum(x.size for x in jax.tree_util.tree_leaves(shapes)):,}")
+  tx, schedule = make_optimizer(config, shapes)
+  state_shapes, shardings = state_layout(task, model, tx, mesh)
+
+  # ---- Checkpoint: resume where a previous run of this workdir stopped, or start. The data
+  # position is the step (batch i is a pure function of i), so any process count resumes it.
   abstract = jax.tree_util.tree_map(
       lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), state_shapes, shardings)
-  restored = checkpoints.restore_or_none(manager, abstract, train_iter)
+  restored = checkpoints.restore_or_none(manager, abstract)
   if restored is not None:
     start, state = restored
     logging.info("Resuming at step %d", start)
   else:
     start = 0
-    state = init_state(model, tx, pretrained, jax.random.key(config.train.seed), mesh, shardings)
+    state = init_state(task, model, tx, pretrained, jax.random.key(config.train.seed), mesh,
+                       shardings)
   del pretrained
 
+  # ---- Input: this process's share of every global batch from `start` on.
+  train_iter = task.train_iterator(config, tokenizer, model, start=start)
+
   # ---- The step.
-  train_step = make_train_step(model, tx, schedule, config, mesh, shardings)
-  batch_sharding = batch_shardings(mesh)
+  train_step = make_train_step(task, model, tx, schedule, config, mesh, shardings)
+  batch_sharding = task.batch_shardings(mesh)
+  evaluate = lambda step: writer.write(step, task.evaluate(
+      config, model, state.params, tokenizer, str(workdir), step), prefix="eval")
 
   # ---- Loop.
   writer = MetricWriter(str(workdir))
@@ -388,24 +315,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         progress.set_postfix(loss=f"{last_logged['loss']:.3f}",
                              ex_s=f"{last_logged['examples_per_sec']:.0f}")
       progress.update(1)
-      checkpoints.save(manager, step, state, train_iter)
-      if config.eval.every_steps and step % config.eval.every_steps == 0 and step < t.steps:
-        writer.write(step, evaluate.evaluate_during_training(
-            config, model, state.params, tokenizer, str(workdir), step), prefix="eval")
+      # The interval save; on a pod Orbax also saves here at the step all processes agreed to
+      # stop at after a preemption notice.
+      saved = checkpoints.save(manager, step, state)
       if watch.preempted(manager, step):
-        logging.warning("Preempted at step %d: checkpoint saved, exiting.", step)
-        checkpoints.save(manager, step, state, train_iter, force=True)
+        if not saved:
+          checkpoints.save(manager, step, state, force=True)
+        logging.warning("Preempted at step %d: checkpoint %d saved; exiting (the next start "
+                        "resumes from it).", step, step)
         break
+      if config.eval.every_steps and step % config.eval.every_steps == 0 and step < t.steps:
+        evaluate(step)
     else:
       if int(state.nonfinite) >= t.max_nonfinite:
         raise FloatingPointError(f"{t.max_nonfinite} consecutive non-finite losses at the end")
       if manager.latest_step() != step:
-        checkpoints.save(manager, step, state, train_iter, force=True)
+        checkpoints.save(manager, step, state, force=True)
       if config.eval.datasets:
-        writer.write(step, evaluate.evaluate_during_training(
-            config, model, state.params, tokenizer, str(workdir), step), prefix="eval")
+        evaluate(step)
   finally:
     manager.wait_until_finished()
+    manager.close()
+    if hasattr(train_iter, "close"):  # grain's worker processes, when data.num_workers > 0
+      train_iter.close()
     progress.close()
     writer.close()
     watch.close()

@@ -74,9 +74,11 @@ def straight_params(tmp_path_factory):
   return checkpoints.restore_params(str(workdir))
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
-def test_interrupted_run_resumes_to_identical_params(tmp_path, sig, straight_params):
-  steps = STEPS
+# every_steps=1: SIGTERM always lands on a step the interval save has just written.
+@pytest.mark.parametrize("sig, every", [(signal.SIGKILL, 5), (signal.SIGTERM, 5),
+                                        (signal.SIGTERM, 1)])
+def test_interrupted_run_resumes_to_identical_params(tmp_path, sig, every, straight_params):
+  steps = [STEPS[0], f"--config.checkpoint.every_steps={every}"]
 
   workdir = tmp_path / "interrupted"
   process = subprocess.Popen(main_command(workdir, *steps), env=ENV, cwd=ROOT,
@@ -84,12 +86,12 @@ def test_interrupted_run_resumes_to_identical_params(tmp_path, sig, straight_par
   wait_for(workdir / "checkpoints" / "10", process)
   process.send_signal(sig)
   _, stderr = process.communicate(timeout=120)
-  saved = checkpoints.create_manager(str(workdir), 5, 3).latest_step()
+  saved = checkpoints.create_manager(str(workdir), every, 3).latest_step()
   if sig == signal.SIGKILL:
     assert process.returncode == -signal.SIGKILL
   else:  # SIGTERM: a checkpoint of the step it stopped at, and a clean exit
     assert process.returncode == 0, stderr
-    assert "Preempted at step" in stderr
+    assert f"Preempted at step {saved}: checkpoint {saved} saved" in stderr, stderr
   assert saved is not None and 10 <= saved < 40, saved
 
   run_main(workdir, *steps)
@@ -97,3 +99,23 @@ def test_interrupted_run_resumes_to_identical_params(tmp_path, sig, straight_par
   jax.tree_util.tree_map(np.testing.assert_array_equal, resumed, straight_params)
   logged = [r["step"] for r in read_metrics(str(workdir))]
   assert logged[-1] == 40
+
+
+def test_a_run_resumes_on_another_mesh(tmp_path, straight_params):
+  """Stopped on data=8 (8 devices), resumed on data=2,fsdp=4: params and optimizer state are
+  resharded on restore, and the data position is the step, so it ends where the uninterrupted
+  2-device run ends (up to the reduction order of another mesh)."""
+  eight = {**ENV, "XLA_FLAGS": ENV["XLA_FLAGS"].replace("device_count=2", "device_count=8")}
+  workdir = tmp_path / "moved"
+  process = subprocess.Popen(main_command(workdir, *STEPS, "--config.mesh.data=8"), env=eight,
+                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             text=True)
+  wait_for(workdir / "checkpoints" / "10", process)
+  process.send_signal(signal.SIGTERM)
+  _, stderr = process.communicate(timeout=120)
+  assert process.returncode == 0, stderr
+  assert checkpoints.create_manager(str(workdir), 5, 3).latest_step() < 40
+  subprocess.run(main_command(workdir, *STEPS, "--config.mesh.data=2", "--config.mesh.fsdp=4"),
+                 env=eight, cwd=ROOT, capture_output=True, text=True, check=True, timeout=300)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+                         checkpoints.restore_params(str(workdir)), straight_params)

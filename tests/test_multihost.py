@@ -2,6 +2,7 @@
 the process count, and a real two-process CPU run (jax.distributed on 127.0.0.1, gloo
 collectives, one shared workdir as on a pod) matches a one-process run step for step."""
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -78,6 +79,20 @@ def run_all(named_commands, tmp_path):
         p.wait()
 
 
+def environments(tmp_path):
+  """(one process with two CPU devices, two processes with one each): the same mesh."""
+  base = {k: v for k, v in os.environ.items()
+          if k not in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")}
+  base.update(JAX_PLATFORMS="cpu", NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost")
+  # XLA's -O0 halves the CPU compile time, most of a tiny run; all runs use it.
+  one = {**base, "XLA_FLAGS": f"--xla_force_host_platform_device_count=2 {FAST_COMPILE}"}
+  two = {**base, "XLA_FLAGS": f"--xla_force_host_platform_device_count=1 {FAST_COMPILE}",
+         "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{free_port()}", "JAX_NUM_PROCESSES": "2",
+         # CPU collectives across processes: jax 0.10's default, named for older versions.
+         "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"}
+  return one, [{**two, "JAX_PROCESS_ID": str(i)} for i in range(2)]
+
+
 def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path):
   command = lambda workdir: [
       sys.executable, "-m", "countclip_jax.main", f"--config={TINY}", f"--workdir={workdir}",
@@ -87,21 +102,12 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path):
       # the final eval computed by both from those shards.
       "--config.mesh.data=1", "--config.mesh.fsdp=2",
       "--config.eval.datasets=synthetic", "--config.eval.size=27", "--config.eval.batch_size=9"]
-  base = {k: v for k, v in os.environ.items()
-          if k not in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")}
-  base.update(JAX_PLATFORMS="cpu", NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost")
-  # One process with two CPU devices, and two processes with one each: the same mesh (fsdp=2).
-  # XLA's -O0 halves the CPU compile time, most of a tiny run; all three use it.
-  one = {**base, "XLA_FLAGS": f"--xla_force_host_platform_device_count=2 {FAST_COMPILE}"}
-  two = {**base, "XLA_FLAGS": f"--xla_force_host_platform_device_count=1 {FAST_COMPILE}",
-         "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{free_port()}", "JAX_NUM_PROCESSES": "2",
-         # CPU collectives across processes: jax 0.10's default, named for older versions.
-         "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"}
+  one, two = environments(tmp_path)
   shared = tmp_path / "shared"  # one workdir for both processes, as gs:// on a pod
   logs = run_all({
       "one": (command(tmp_path / "one"), one),
-      "two-0": (command(shared), {**two, "JAX_PROCESS_ID": "0"}),
-      "two-1": (command(shared), {**two, "JAX_PROCESS_ID": "1"}),
+      "two-0": (command(shared), two[0]),
+      "two-1": (command(shared), two[1]),
   }, tmp_path)
   assert "over 2 devices (1 processes)" in logs["one"]
   assert "over 2 devices (2 processes)" in logs["two-0"]
@@ -122,9 +128,48 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path):
                                err_msg=name)
   assert len({r["train/loss"] for r in single}) == STEPS  # each step saw other data
 
-  # Checkpoints (both processes wrote their shards and data state): the same params.
-  assert sorted(os.listdir(shared / "checkpoints" / str(STEPS) / "data")) == [
-      "commit_success.txt", "process_0-of-2.json", "process_1-of-2.json"]
+  # Checkpoints (both processes wrote their shards; no per-process data state): the same params.
+  assert sorted(os.listdir(shared / "checkpoints" / str(STEPS))) == [
+      "_CHECKPOINT_METADATA", "state"]
   jax.tree_util.tree_map(
       lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+      checkpoints.restore_params(str(shared)), checkpoints.restore_params(str(tmp_path / "one")))
+
+
+def test_preempted_on_two_processes_resumes_on_one(tmp_path):
+  """SIGTERM to one process of two: JAX's coordination service makes both stop at one step,
+  save it and exit 0; the run then resumes as a single process (the data position is the
+  step, not a per-process iterator state) and ends where an uninterrupted run ends."""
+  steps = 16
+  command = lambda workdir: [
+      sys.executable, "-m", "countclip_jax.main", f"--config={TINY}", f"--workdir={workdir}",
+      f"--config.train.steps={steps}", "--config.checkpoint.every_steps=2",
+      "--config.mesh.data=1", "--config.mesh.fsdp=2"]
+  one, two = environments(tmp_path)
+  shared = tmp_path / "shared"
+  logs = {name: open(tmp_path / f"{name}.log", "w") for name in ("two-0", "two-1")}
+  procs = [subprocess.Popen(command(shared), cwd=ROOT, env=two[i], stdin=subprocess.DEVNULL,
+                            stdout=logs[f"two-{i}"], stderr=subprocess.STDOUT) for i in range(2)]
+  try:
+    deadline = time.time() + TIMEOUT
+    while not (shared / "checkpoints" / "4").exists():
+      assert all(p.poll() is None for p in procs), "the run ended before it was preempted"
+      assert time.time() < deadline
+      time.sleep(0.05)
+    procs[1].send_signal(signal.SIGTERM)
+    codes = [p.wait(timeout=TIMEOUT) for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  output = (tmp_path / "two-0.log").read_text(errors="replace")
+  assert codes == [0, 0], output[-4000:]
+  stopped = checkpoints.create_manager(str(shared), 2, 3).latest_step()
+  assert 4 <= stopped < steps, stopped
+  assert f"Preempted at step {stopped}" in output
+
+  run_all({"resumed": (command(shared), one), "straight": (command(tmp_path / "one"), one)},
+          tmp_path)
+  jax.tree_util.tree_map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
       checkpoints.restore_params(str(shared)), checkpoints.restore_params(str(tmp_path / "one")))

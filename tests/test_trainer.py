@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from countclip_jax import models, sharding, trainer
+from countclip_jax import sharding, trainer
+from countclip_jax.tasks import contrastive
 from countclip_jax.data import pipeline
 from countclip_jax.text.tokenizer import build_tokenizer
 
@@ -42,13 +43,14 @@ def setup(config, tokenizer, mesh_cfg=None, devices=None):
   devices = jax.devices() if devices is None else devices
   trainer.validate(config, len(devices))
   mesh = sharding.make_mesh(config.mesh, devices)
-  model, _ = trainer.build_model(config, tokenizer)
-  tx, schedule = trainer.make_optimizer(config, models.param_shapes(model))
-  _, shardings = trainer.state_layout(model, tx, mesh)
-  state = trainer.init_state(model, tx, None, jax.random.key(0), mesh, shardings)
-  step = trainer.make_train_step(model, tx, schedule, config, mesh, shardings)
+  task = contrastive.TASK
+  model, _ = task.build_model(config, tokenizer)
+  tx, schedule = trainer.make_optimizer(config, trainer.param_shapes(task, model))
+  _, shardings = trainer.state_layout(task, model, tx, mesh)
+  state = trainer.init_state(task, model, tx, None, jax.random.key(0), mesh, shardings)
+  step = trainer.make_train_step(task, model, tx, schedule, config, mesh, shardings)
   place = lambda b: jax.tree_util.tree_map(
-      lambda x, s: jax.device_put(x, s), b, trainer.batch_shardings(mesh))
+      lambda x, s: jax.device_put(x, s), b, task.batch_shardings(mesh))
   return model, state, step, place
 
 
@@ -121,7 +123,7 @@ def test_gradient_accumulation_averages_micro_batch_gradients(tokenizer):
   batch = fake_batch(config, tokenizer, model.config.vision.image_size)
   params = jax.device_get(state.params)
   # By hand: every second row makes a micro-batch; the update uses the mean gradient.
-  grad = jax.jit(jax.grad(lambda p, b: trainer.loss_fn(p, b, model, config.count)[0]))
+  grad = jax.jit(jax.grad(lambda p, b: contrastive.loss_fn(p, b, model, config.count)[0]))
   micro = [jax.tree_util.tree_map(lambda x: x[i::2], batch) for i in range(2)]
   mean_grad = jax.tree_util.tree_map(lambda a, b: (a + b) / 2, *[grad(params, m) for m in micro])
   tx, _ = trainer.make_optimizer(config, params)

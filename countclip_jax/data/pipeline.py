@@ -424,8 +424,11 @@ def train_dataset(config, tokenizer: tokenizer_lib.Tokenizer, image_size: int, *
 
 def train_iterator(config, tokenizer: tokenizer_lib.Tokenizer, image_size: int, *,
                    process_index: int | None = None, process_count: int | None = None,
-                   num_threads: int = 2) -> grain.DatasetIterator:
-  """An infinite iterator of this process's training batches, with get_state/set_state.
+                   num_threads: int = 2, start: int = 0) -> grain.DatasetIterator:
+  """An infinite iterator of this process's training batches from global batch `start` on.
+
+  Batch i is a pure function of i whatever the process count, so a resume at step s passes
+  start=s instead of restoring an iterator state (which would tie it to the process count).
 
   num_threads: batches prepared in parallel (and so ahead of the trainer); 0 = in the caller's
   thread. With config.data.num_workers > 0, that many worker processes (each with these
@@ -433,7 +436,7 @@ def train_iterator(config, tokenizer: tokenizer_lib.Tokenizer, image_size: int, 
   `it.close()` at the end stops them cleanly.
   """
   ds = train_dataset(config, tokenizer, image_size, process_index=process_index,
-                     process_count=process_count)
+                     process_count=process_count)[start:]
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
                                             prefetch_buffer_size=num_threads))
   if config.data.num_workers:
