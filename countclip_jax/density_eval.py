@@ -1,0 +1,180 @@
+"""The density task's evals: counts from maps, CLIP-Count's sliding window, prompt sensitivity.
+
+Synthetic world (held-out dense scenes): MAE and RMSE of the prompted kind's count; the same
+split by whether the prompted kind is the minority of its image (FSC-147-S's question: does the
+prompt choose what is counted?); and the mean count predicted for a kind that is absent (~0
+if the prompt matters). Real sets (FSC-147, CARPK, ShanghaiTech): CLIP-Count's protocol, each
+full image (resized to the training height) right-padded and covered by square windows at a
+stride, overlapping predictions averaged, count = sum / scale; MAE and RMSE. Results go to
+OUT/density<tag>.json with a PNG of a few examples (image, target, prediction).
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from etils import epath
+
+from countclip_jax.data import density_pipeline, images, pipeline
+
+SHOWN = 6  # examples drawn in the PNG
+
+
+@functools.lru_cache(maxsize=8)
+def _predict_fn(model):
+  """Jitted (params, pixels (N, S, S, 3), ids (N, K, L)) -> density (N, K, S, S), float32."""
+  return jax.jit(lambda params, pixels, ids: model.apply({"params": params}, pixels,
+                                                         ids)["density"])
+
+
+def _replicated(params):
+  """Params gathered where the eval can read them on every process (evals are small)."""
+  return jax.tree_util.tree_map(np.asarray, jax.device_get(params))
+
+
+def sliding_window(predict, image: np.ndarray, size: int, stride: int) -> np.ndarray:
+  """CLIP-Count's test-time protocol: `image` (size, W, 3), W of any width, right-padded with
+  zeros to cover `size` x `size` windows at `stride` (the last one flush with the padding);
+  `predict` maps (n, size, size, 3) windows to (n, size, size) maps; overlapping predictions
+  are averaged. Returns the (size, W) map."""
+  height, width = image.shape[:2]
+  if height != size:
+    raise ValueError(f"sliding_window needs images {size} high, got {image.shape}")
+  if not 0 < stride <= size:
+    raise ValueError(f"window stride must be in 1..{size}, got {stride}")
+  padded_width = size + max(0, math.ceil((width - size) / stride)) * stride
+  padded = np.zeros((size, padded_width, 3), np.float32)
+  padded[:, :width] = image
+  starts = list(range(0, padded_width - size + 1, stride))
+  windows = np.stack([padded[:, x:x + size] for x in starts])
+  maps = np.asarray(predict(windows))
+  total, weight = np.zeros((size, padded_width)), np.zeros((1, padded_width))
+  for x, m in zip(starts, maps):
+    total[:, x:x + size] += m
+    weight[:, x:x + size] += 1
+  return (total / weight)[:, :width].astype(np.float32)
+
+
+def _errors(predicted, true) -> dict:
+  predicted, true = np.asarray(predicted, np.float64), np.asarray(true, np.float64)
+  if not len(true):
+    return {"mae": None, "rmse": None, "n": 0}
+  err = predicted - true
+  return {"mae": float(np.mean(np.abs(err))), "rmse": float(np.sqrt(np.mean(err ** 2))),
+          "n": int(len(true))}
+
+
+def eval_synthetic(config, model, params, tokenizer, batch_size: int = 64) -> tuple[dict, dict]:
+  """(results, examples to draw) on the dense world's held-out split."""
+  predict = _predict_fn(model)
+  scale = config.density.scale
+  dataset = density_pipeline.eval_dataset(config, model.clip_config.vision.image_size)
+  true, pred, absent, minority, shown = [], [], [], [], None
+  for batch in pipeline.eval_batches(dataset, batch_size, process_index=0, process_count=1):
+    valid = np.asarray(batch["valid"])
+    with pipeline._TOKENIZER_LOCK:  # pylint: disable=protected-access
+      ids = tokenizer([*map(str, batch["prompt"]), *map(str, batch["absent_prompt"])])
+    n = len(valid)
+    ids = np.stack([ids[:n], ids[n:]], axis=1)
+    maps = np.asarray(predict(params, np.asarray(batch["image"]), ids))
+    counts = maps.sum(axis=(-2, -1)) / scale
+    true += list(np.asarray(batch["count"])[valid])
+    pred += list(counts[valid, 0])
+    absent += list(counts[valid, 1])
+    minority += list(np.asarray(batch["minority"])[valid])
+    if shown is None:
+      shown = {"image": np.asarray(batch["image"][:SHOWN]), "target": np.asarray(
+          batch["density"][:SHOWN]), "pred": maps[:SHOWN, 0] / scale,
+               "title": [f"{p}: {t:.0f} / {c:.1f}" for p, t, c in zip(
+                   batch["prompt"][:SHOWN], batch["count"][:SHOWN], counts[:SHOWN, 0])]}
+  true, pred, minority = np.asarray(true), np.asarray(pred), np.asarray(minority, bool)
+  results = {**_errors(pred, true), "mean_count": float(np.mean(true)),
+             "mean_predicted": float(np.mean(pred)),
+             "majority": _errors(pred[~minority], true[~minority]),
+             "minority": _errors(pred[minority], true[minority]),
+             "absent_mean": float(np.mean(absent))}
+  return results, shown
+
+
+def eval_real(config, model, params, tokenizer, window_batch: int = 8) -> tuple[dict, dict]:
+  """(results, examples to draw) with the sliding window over a real set's eval split."""
+  predict = _predict_fn(model)
+  size, stride = config.density.crop_size, config.density.eval_window_stride
+  scale = config.density.scale
+  dataset = density_pipeline.eval_dataset(config, model.clip_config.vision.image_size)
+  true, pred, skipped, shown = [], [], 0, None
+  for i in range(len(dataset)):
+    ex = dataset[i]
+    image, points = density_pipeline.eval_image(ex, config)
+    if image is None:
+      skipped += 1
+      continue
+    ids = tokenizer([ex["prompt"]])[None]
+
+    def windows(w):
+      return np.concatenate([predict(params, w[j:j + window_batch],
+                                     np.repeat(ids, len(w[j:j + window_batch]), 0))[:, 0]
+                             for j in range(0, len(w), window_batch)])
+
+    full = sliding_window(windows, image, size, stride)
+    true.append(len(points))
+    pred.append(float(full.sum()) / scale)
+    if shown is None:
+      from countclip_jax.data import density  # pylint: disable=g-import-not-at-top
+      shown = {"image": image[None], "pred": full[None] / scale,
+               "target": density.density_map(points, *image.shape[:2])[None],
+               "title": [f"{ex['prompt']}: {len(points)} / {pred[-1]:.1f}"]}
+  return {**_errors(pred, true), "mean_count": float(np.mean(true)) if true else None,
+          "skipped": skipped}, shown
+
+
+def plot(shown: dict, path: str) -> None:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  n = len(shown["title"])
+  fig, axes = plt.subplots(3, n, figsize=(2.2 * n, 6.6), squeeze=False)
+  rgb = np.clip(shown["image"] * images.CLIP_STD + images.CLIP_MEAN, 0, 1)
+  for j in range(n):
+    for row, (picture, label) in enumerate([(rgb[j], shown["title"][j]),
+                                            (shown["target"][j], "target"),
+                                            (shown["pred"][j], "predicted")]):
+      axes[row, j].imshow(picture, cmap=None if row == 0 else "magma")
+      axes[row, j].set_title(label, fontsize=7)
+      axes[row, j].axis("off")
+  fig.tight_layout()
+  with epath.Path(path).open("wb") as f:
+    fig.savefig(f, format="png", dpi=100)
+  plt.close(fig)
+
+
+def run(config, model, params, tokenizer, out_dir: str, tag: str = "") -> dict:
+  """The eval of config.density.source; writes OUT/density<tag>.json and .png."""
+  params = _replicated(params)
+  if density_pipeline.is_synthetic(config):
+    results, shown = eval_synthetic(config, model, params, tokenizer)
+  else:
+    results, shown = eval_real(config, model, params, tokenizer)
+  if jax.process_index() == 0:
+    out = epath.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"density{tag}.json").write_text(json.dumps(results, indent=1))
+    if shown is not None:
+      plot(shown, os.fspath(out / f"density{tag}.png"))
+  return results
+
+
+def scalars(results: dict) -> dict:
+  """Flat numbers for metrics.jsonl / TensorBoard: density/mae, density/minority/mae, ..."""
+  flat = {}
+  for key, value in results.items():
+    if isinstance(value, dict):
+      flat.update({f"density/{key}/{k}": v for k, v in value.items() if v is not None})
+    elif value is not None:
+      flat[f"density/{key}"] = value
+  return flat
