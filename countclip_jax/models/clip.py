@@ -115,12 +115,19 @@ _ones = lambda *names: nn.with_logical_partitioning(nn.initializers.ones_init(),
 
 
 class Attention(nn.Module):
-  """HF CLIPAttention: q/k/v/out projections with biases, queries scaled by head_dim**-0.5."""
+  """HF CLIPAttention: q/k/v/out projections with biases, queries scaled by head_dim**-0.5.
+
+  explain: compute the softmax probabilities explicitly (B, heads, N, N), add the zero
+    perturbation 'attn_probs' to them (grads w.r.t. the 'perturbations' collection are then
+    d out / d probs) and sow them in 'intermediates', for relevancy maps (explain.py). Off, the
+    fused `jax.nn.dot_product_attention` runs (cuDNN on GPU) and no probabilities exist.
+  """
   width: int
   heads: int
   depth: int  # of the tower, for the init scale
   dtype: Dtype
   param_dtype: Dtype
+  explain: bool = False
 
   @nn.compact
   def __call__(self, x, mask=None, causal=False):
@@ -135,9 +142,27 @@ class Attention(nn.Module):
     q = split(dense("q_proj", in_std, ("embed", "heads"))(x))
     k = split(dense("k_proj", in_std, ("embed", "heads"))(x))
     v = split(dense("v_proj", in_std, ("embed", "heads"))(x))
-    y = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal)
+    if self.explain:
+      y = self._explicit(q, k, v, mask, causal)
+    else:
+      y = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal)
     y = y.reshape(y.shape[:-2] + (self.width,))
     return dense("out_proj", self.width ** -0.5, ("heads", "embed"))(y)
+
+  def _explicit(self, q, k, v, mask, causal):
+    """dot_product_attention's XLA path written out (same scale, masks, f32 softmax), so the
+    probabilities are a value we can perturb and sow."""
+    logits = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32)
+    logits *= q.shape[-1] ** -0.5
+    keep = jnp.ones(logits.shape[-2:], bool) if mask is None else mask
+    if causal:
+      keep = keep & jnp.tril(jnp.ones(logits.shape[-2:], bool))
+    # jax's own large negative: masked probabilities come out exactly 0, as there and in HF.
+    logits = jnp.where(keep, logits, -0.7 * jnp.finfo(logits.dtype).max)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    probs = self.perturb("attn_probs", probs)
+    self.sow("intermediates", "attn_probs", probs)
+    return jnp.einsum("bnts,bsnh->btnh", probs, v)
 
 
 class MLP(nn.Module):
@@ -169,12 +194,14 @@ class EncoderLayer(nn.Module):
   cfg: TextConfig | VisionConfig
   dtype: Dtype
   param_dtype: Dtype
+  explain: bool = False  # see Attention
 
   @nn.compact
   def __call__(self, x, mask, causal):
     c, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
     h = _layer_norm("layer_norm1", c.layer_norm_eps, **kw)(x)
-    x = x + Attention(c.width, c.heads, c.depth, name="self_attn", **kw)(h, mask, causal)
+    x = x + Attention(c.width, c.heads, c.depth, name="self_attn", explain=self.explain,
+                      **kw)(h, mask, causal)
     h = _layer_norm("layer_norm2", c.layer_norm_eps, **kw)(x)
     return x + MLP(c.width, c.mlp_dim, c.depth, c.act, name="mlp", **kw)(h)
 
@@ -185,12 +212,14 @@ class LayerCollection(nn.Module):
   dtype: Dtype
   param_dtype: Dtype
   remat: bool = False
+  explain: bool = False  # see Attention
 
   @nn.compact
   def __call__(self, x, mask=None, causal=False):
     layer_cls = nn.remat(EncoderLayer, static_argnums=(3,)) if self.remat else EncoderLayer
     for i in range(self.cfg.depth):
-      x = layer_cls(self.cfg, self.dtype, self.param_dtype, name=str(i))(x, mask, causal)
+      x = layer_cls(self.cfg, self.dtype, self.param_dtype, self.explain,
+                    name=str(i))(x, mask, causal)
     return x
 
 
@@ -199,11 +228,15 @@ class Encoder(nn.Module):
   dtype: Dtype
   param_dtype: Dtype
   remat: bool = False
+  explain: bool = False  # see Attention
 
   @nn.compact
   def __call__(self, x, mask=None, causal=False):
-    return LayerCollection(self.cfg, self.dtype, self.param_dtype, self.remat,
-                           name="layers")(x, mask, causal)
+    # `explain` only when set: stand-ins for LayerCollection (benchmarks/train_step.py swaps in
+    # its own while tracing) need not know the attribute.
+    kw = dict(explain=True) if self.explain else {}
+    return LayerCollection(self.cfg, self.dtype, self.param_dtype, self.remat, name="layers",
+                           **kw)(x, mask, causal)
 
 
 class TextEmbeddings(nn.Module):
@@ -226,9 +259,10 @@ class TextTransformer(nn.Module):
   dtype: Dtype
   param_dtype: Dtype
   remat: bool = False
+  explain: bool = False  # see Attention
 
   @nn.compact
-  def __call__(self, input_ids, attention_mask=None):
+  def __call__(self, input_ids, attention_mask=None, states=False):
     c, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
     if input_ids.shape[-1] > c.context_length:
       raise ValueError(f"input_ids length {input_ids.shape[-1]} exceeds the model's context "
@@ -237,8 +271,11 @@ class TextTransformer(nn.Module):
     mask = None
     if attention_mask is not None:  # padding keys are masked; the causal mask is added inside.
       mask = attention_mask.astype(bool)[:, None, None, :]
-    x = Encoder(c, remat=self.remat, name="encoder", **kw)(x, mask, causal=True)
+    x = Encoder(c, remat=self.remat, explain=self.explain, name="encoder", **kw)(
+        x, mask, causal=True)
     x = _layer_norm("final_layer_norm", c.layer_norm_eps, **kw)(x)
+    if states:  # every token's state (CLIP.text_states), not the eos-pooled one
+      return x
     if c.eos_token_id == 2:  # HF's legacy configs: eos has the largest id in the vocabulary.
       eos_pos = jnp.argmax(input_ids, axis=-1)
     else:  # the first eos (padding may also be eos)
@@ -277,13 +314,14 @@ class VisionTransformer(nn.Module):
   dtype: Dtype
   param_dtype: Dtype
   remat: bool = False
+  explain: bool = False  # see Attention
 
   @nn.compact
   def __call__(self, pixels):
     c, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
     x = VisionEmbeddings(c, name="embeddings", **kw)(pixels.astype(self.dtype))
     x = _layer_norm("pre_layrnorm", c.layer_norm_eps, **kw)(x)  # sic: HF's name
-    x = Encoder(c, remat=self.remat, name="encoder", **kw)(x)
+    x = Encoder(c, remat=self.remat, explain=self.explain, name="encoder", **kw)(x)
     return _layer_norm("post_layernorm", c.layer_norm_eps, **kw)(x[:, 0])
 
 
@@ -299,11 +337,14 @@ class CLIP(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   remat: bool = False
+  # Explicit attention probabilities, perturbed and sown (see Attention); explain.py sets it
+  # on a clone. Training and eval keep the fused attention.
+  explain: bool = False
 
   def setup(self):
     c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    self.text_model = TextTransformer(c.text, remat=self.remat, **kw)
-    self.vision_model = VisionTransformer(c.vision, remat=self.remat, **kw)
+    self.text_model = TextTransformer(c.text, remat=self.remat, explain=self.explain, **kw)
+    self.vision_model = VisionTransformer(c.vision, remat=self.remat, explain=self.explain, **kw)
     proj = lambda width: dict(use_bias=False, kernel_init=_init(width ** -0.5, ("embed", "proj")))
     self.visual_projection = nn.Dense(c.projection_dim, **proj(c.vision.width), **kw)
     self.text_projection = nn.Dense(c.projection_dim, **proj(c.text.width), **kw)
@@ -316,6 +357,11 @@ class CLIP(nn.Module):
 
   def encode_text(self, input_ids, attention_mask=None):
     return self.text_projection(self.text_model(input_ids, attention_mask)).astype(jnp.float32)
+
+  def text_states(self, input_ids, attention_mask=None):
+    """(T, L, text width) per-token states after the final LayerNorm, unprojected: HF
+    CLIPTextModel's last_hidden_state, what Stable Diffusion 1.x cross-attends to."""
+    return self.text_model(input_ids, attention_mask, states=True).astype(jnp.float32)
 
   def __call__(self, pixels, input_ids, attention_mask=None) -> Output:
     image, text = self.encode_image(pixels), self.encode_text(input_ids, attention_mask)
