@@ -119,3 +119,13 @@ def test_a_run_resumes_on_another_mesh(tmp_path, straight_params):
                  env=eight, cwd=ROOT, capture_output=True, text=True, check=True, timeout=300)
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
                          checkpoints.restore_params(str(workdir)), straight_params)
+
+
+def test_worker_processes_feed_the_same_batches(tmp_path):
+  """data.num_workers=2 (grain worker processes) trains exactly as the in-process pipeline."""
+  steps = ["--config.train.steps=4", "--config.checkpoint.every_steps=4"]
+  run_main(tmp_path / "threads", *steps)
+  run_main(tmp_path / "workers", *steps, "--config.data.num_workers=2")
+  jax.tree_util.tree_map(np.testing.assert_array_equal,
+                         checkpoints.restore_params(str(tmp_path / "workers")),
+                         checkpoints.restore_params(str(tmp_path / "threads")))

@@ -366,13 +366,9 @@ def train_iterator(config, tokenizer: tokenizer_lib.Tokenizer, image_size: int, 
   """An infinite iterator of this process's batches from global batch `start` (a resume's step)
   on. num_threads and config.data.num_workers as pipeline.train_iterator (workers need absl
   flags parsed; `it.close()` stops them)."""
-  ds = train_dataset(config, tokenizer, image_size, process_index=process_index,
-                     process_count=process_count)[start:]
-  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
-                                            prefetch_buffer_size=num_threads))
-  if config.data.num_workers:
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.data.num_workers))
-  return iter(ds)
+  return pipeline.iterate(train_dataset(config, tokenizer, image_size,
+                                        process_index=process_index,
+                                        process_count=process_count), config, start, num_threads)
 
 
 # ---------------------------------------------------------------------------------------------

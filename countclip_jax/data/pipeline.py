@@ -13,11 +13,9 @@ takes all eight (ascending).
 The pipeline is a grain MapDataset end to end: this process's examples -> shuffle -> repeat
 (reshuffled each epoch) -> per-example random_map (image, counterfactual numbers) -> batch
 (stack + tokenize the whole batch at once). So batch i is a pure function of (config, process,
-i): the same seed gives the same batches, whatever the thread timing, and the iterator state is
-one index. Save and restore it with Orbax (CheckpointManager, item "data"):
-  manager.save(step, args=ocp.args.Composite(..., data=grain.checkpoint.CheckpointSave(it)))
-  manager.restore(step, args=ocp.args.Composite(..., data=grain.checkpoint.CheckpointRestore(it)))
-or by hand with `it.get_state()` (a small json-able dict) and `it.set_state(state)`.
+i): the same seed gives the same batches, whatever the thread timing, and the data position is
+the step: a resume at step s asks for `train_iterator(..., start=s)`, on any process count (no
+iterator state is saved; `it.get_state()` / `it.set_state()` still work for other uses).
 
 Sources (config.data.source): "synthetic" (both sets from the procedural world's train split,
 rendered at the model's size; counting rows say the number, general rows do not), "records"
@@ -435,10 +433,16 @@ def train_iterator(config, tokenizer: tokenizer_lib.Tokenizer, image_size: int, 
   threads) do it: grain's workers need absl flags parsed (absl.app.run does it), and
   `it.close()` at the end stops them cleanly.
   """
-  ds = train_dataset(config, tokenizer, image_size, process_index=process_index,
-                     process_count=process_count)[start:]
-  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
-                                            prefetch_buffer_size=num_threads))
+  return iterate(train_dataset(config, tokenizer, image_size, process_index=process_index,
+                               process_count=process_count), config, start, num_threads)
+
+
+def iterate(batches: grain.MapDataset, config, start: int, num_threads: int
+            ) -> grain.DatasetIterator:
+  """Batches `start`, `start` + 1, ... of a MapDataset of batches, prepared ahead by threads
+  (and config.data.num_workers worker processes): what each task's train_iterator returns."""
+  ds = batches[start:].to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
+                                                         prefetch_buffer_size=num_threads))
   if config.data.num_workers:
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.data.num_workers))
   return iter(ds)

@@ -1,0 +1,95 @@
+"""The density task through the one loop: a run from the command line, its resume, its eval
+protocol and the count command."""
+import io
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from countclip_jax import checkpoints, density_eval
+from countclip_jax.metric_writer import read_metrics
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(ROOT, "configs", "density.py")
+ENV = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2 "
+                                  "--xla_backend_optimization_level=0", "JAX_PLATFORMS": "cpu"}
+
+
+def run(*command):
+  return subprocess.run([sys.executable, "-m", *command], env=ENV, cwd=ROOT, capture_output=True,
+                        text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def density_run(tmp_path_factory):
+  """A finished 6-step run of configs/density.py:tiny (checkpoints at 3 and 6)."""
+  workdir = tmp_path_factory.mktemp("density") / "run"
+  result = run("countclip_jax.main", f"--config={CONFIG}:tiny", f"--workdir={workdir}",
+               "--verbosity=-1")
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir
+
+
+def test_a_density_run_trains_and_evaluates(density_run):
+  rows = read_metrics(str(density_run))
+  train = [r for r in rows if "train/loss" in r]
+  assert [r["step"] for r in train] == [2, 4, 6]
+  assert {"train/density_mse", "train/prompt_contrast_loss", "train/count_mae"} <= set(train[0])
+  final = [r for r in rows if "eval/density/mae" in r]
+  assert len(final) == 1 and np.isfinite(final[0]["eval/density/absent_mean"])
+  assert (density_run / "eval" / "density_step6.png").exists()
+  params = checkpoints.restore_params(str(density_run))
+  assert set(params) >= {"backbone", "interaction", "decoder"}
+
+
+def test_the_frozen_backbone_stays_and_the_head_trains(density_run):
+  first = checkpoints.restore_params(str(density_run), 3)
+  last = checkpoints.restore_params(str(density_run), 6)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, first["backbone"], last["backbone"])
+  assert not np.allclose(first["decoder"]["head"]["kernel"], last["decoder"]["head"]["kernel"])
+
+
+def test_a_resumed_density_run_ends_bit_identical(density_run, tmp_path):
+  resumed = tmp_path / "resumed"
+  shutil.copytree(density_run, resumed)
+  shutil.rmtree(resumed / "checkpoints" / "6")  # as if it had stopped after step 3's save
+  result = run("countclip_jax.main", f"--config={CONFIG}:tiny", f"--workdir={resumed}",
+               "--verbosity=-1")
+  assert result.returncode == 0, result.stderr[-3000:]
+  jax.tree_util.tree_map(np.testing.assert_array_equal, checkpoints.restore_params(str(resumed)),
+                         checkpoints.restore_params(str(density_run)))
+
+
+def test_sliding_window_equals_a_direct_evaluation():
+  """With a per-pixel model, the windows (any stride, the last one over the padding) must
+  reassemble exactly what the model gives on the whole image at once."""
+  rng = np.random.default_rng(0)
+  image = rng.normal(size=(32, 150, 3)).astype(np.float32)  # wider than the window
+  per_pixel = lambda x: np.tanh(x).sum(-1)
+  for stride in (8, 13, 32):
+    np.testing.assert_allclose(density_eval.sliding_window(per_pixel, image, 32, stride),
+                               per_pixel(image), rtol=1e-6, atol=1e-6)
+  with pytest.raises(ValueError, match="stride"):
+    density_eval.sliding_window(per_pixel, image, 32, 0)
+
+
+def test_count_command_counts_and_skips_a_corrupt_file(density_run, tmp_path):
+  good = tmp_path / "wide.png"
+  Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 170, 3), np.uint8)).save(good)
+  bad = tmp_path / "broken.jpg"
+  bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+  out = tmp_path / "out"
+  result = run("countclip_jax.count", f"--workdir={density_run}", "--prompt=red circles",
+               f"--out={out}", str(good), str(bad))
+  assert result.returncode == 1, result.stderr[-2000:]
+  lines = result.stdout.strip().splitlines()
+  assert len(lines) == 1 and lines[0].endswith(str(good))
+  assert float(lines[0].split("\t")[0]) >= 0
+  assert f"skipped {bad}" in result.stderr
+  with Image.open(out / "wide_density.png") as overlay:
+    assert overlay.size[0] > overlay.size[1]  # the whole wide image, not a square crop
