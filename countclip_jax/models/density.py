@@ -269,7 +269,7 @@ class _Backbone(nn.Module):
     states, pos = self.text_model(input_ids, attention_mask, context)
     states = self.text_projection(states)
     embed = jnp.take_along_axis(states, pos[:, None, None], axis=1)[:, 0]
-    mask = jnp.ones(states.shape[:2], bool)
+    mask = jnp.arange(states.shape[1])[None] <= pos[:, None]
     return TextFeatures(states, mask, embed.astype(jnp.float32))
 
 
