@@ -4,6 +4,7 @@ import http.server
 import io
 import json
 import os
+import socket
 import threading
 
 import pyarrow as pa
@@ -28,7 +29,8 @@ def _png_rgba():
 
 
 class _Server:
-  """127.0.0.1 server: good images, a 404, a corrupt file, a hang, a 503 once; counts requests."""
+  """127.0.0.1 server: good images, a 404, a 410, a corrupt file, a hang, a 503 once, a 503
+  while `down` is set; counts requests."""
 
   def __init__(self):
     self.files = {"/red.jpg": _jpeg((255, 0, 0)), "/blue.jpg": _jpeg((0, 0, 255)),
@@ -36,6 +38,7 @@ class _Server:
     self.requests = collections.Counter()
     self.release = threading.Event()
     self.lock = threading.Lock()
+    self.down = True
     server = self
 
     class Handler(http.server.BaseHTTPRequestHandler):
@@ -46,10 +49,14 @@ class _Server:
         if self.path == "/hang.jpg":
           server.release.wait(10)  # never answers within the client's timeout
           return
-        if self.path == "/flaky.jpg" and count == 1:
+        if self.path == "/flaky.jpg" and count == 1 or self.path == "/down.jpg" and server.down:
           self.send_error(503)
           return
-        body = server.files.get(self.path if self.path != "/flaky.jpg" else "/red.jpg")
+        if self.path == "/gone.jpg":
+          self.send_error(410)
+          return
+        body = server.files.get("/red.jpg" if self.path in ("/flaky.jpg", "/down.jpg")
+                                else self.path)
         if body is None:
           self.send_error(404)
           return
@@ -107,7 +114,7 @@ def test_download_cache_and_report(server, tmp_path):
   assert report["downloaded"] == 5 and report["cached_before"] == 0
   failed = {f["index"]: (f["status"], f["kind"]) for f in report["failed"]}
   assert failed == {1: ("dead", "http 404"), 3: ("undecodable", "undecodable"),
-                    4: ("dead", "timeout")}
+                    4: ("unreachable", "timeout")}
   assert report["by_kind"] == {"http 404": 1, "undecodable": 1, "timeout": 1}
   assert json.loads((tmp_path / "report.json").read_text()) == report
   # 404 is final, timeouts and 503 are retried once, a url shared by two entries is fetched once.
@@ -120,12 +127,15 @@ def test_download_cache_and_report(server, tmp_path):
   with open(countbench.cache_path(str(tmp_path), examples[2].url), "rb") as f:
     assert f.read() == server.files["/blue.jpg"]
 
-  # A second run fetches nothing: images are cached, failures remembered.
+  # A second run fetches no image again, nor the 404 or the corrupt file (remembered); the
+  # timeout is a network failure, not a dead link: fetched again (twice: one retry).
   before = server.requests.copy()
   again = _download(tmp_path, examples)
-  assert server.requests == before
+  assert server.requests - before == {"/hang.jpg": 2}
   assert again["available"] == 5 and again["downloaded"] == 0 and again["cached_before"] == 5
-  assert again["remembered"] == 3 and all(f["remembered"] for f in again["failed"])
+  assert again["remembered"] == 2 and again["network_failures"] == 1
+  assert {f["index"]: f["remembered"] for f in again["failed"]} == {1: True, 3: True, 4: False}
+  before = server.requests.copy()
 
   # --retry-failed refetches the failures only.
   _download(tmp_path, examples, retry_failed=True, retries=0)
@@ -228,3 +238,59 @@ def test_load_errors(tmp_path):
     countbench.load_examples(str(tmp_path))
   with pytest.raises(ValueError, match="has no image"):
     countbench.Example(3, "u", "t", 2).read()
+
+
+@pytest.fixture()
+def no_dns(monkeypatch):
+  """Name resolution fails for dns-fails.test, as it does for every name without a network."""
+  real = socket.getaddrinfo
+
+  def getaddrinfo(host, *args, **kwargs):
+    if host == "dns-fails.test":
+      raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+    return real(host, *args, **kwargs)
+
+  monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+
+
+def test_network_failures_are_retried_on_the_next_run(server, tmp_path, no_dns):
+  names = ["red.jpg", "missing.jpg", "gone.jpg", "corrupt.jpg", "down.jpg", "hang.jpg"]
+  examples = _examples(server, names) + [
+      countbench.Example(6, "http://127.0.0.1:1/refused.jpg", "two cats", 2),  # nothing listens
+      countbench.Example(7, "http://dns-fails.test/a.jpg", "three cats", 3)]
+  report = _download(tmp_path, examples, retries=0)
+  failed = {f["index"]: (f["status"], f["kind"], f["remembered"]) for f in report["failed"]}
+  assert failed == {1: ("dead", "http 404", False), 2: ("dead", "http 410", False),
+                    3: ("undecodable", "undecodable", False),
+                    4: ("unreachable", "http 503", False), 5: ("unreachable", "timeout", False),
+                    6: ("unreachable", "connection error", False),
+                    7: ("unreachable", "dns error", False)}
+  assert report["available"] == 1 and report["unavailable"] == 7
+  assert report["network_failures"] == 4
+  text = countbench.summary(report)
+  assert "4 network failures, retried on the next run" in text
+  # Only the answers that mean "gone" are remembered.
+  manifest = json.loads((tmp_path / "manifest.json").read_text())["failed"]
+  assert sorted(r["kind"] for r in manifest.values()) == ["http 404", "http 410", "undecodable"]
+
+  # The next run (no --retry-failed) tries the network failures again, and only them.
+  server.down = False
+  before = server.requests.copy()
+  again = _download(tmp_path, examples, retries=0)
+  assert server.requests - before == {"/down.jpg": 1, "/hang.jpg": 1}
+  assert again["downloaded"] == 1 and again["available"] == 2
+  assert again["network_failures"] == 3 and again["remembered"] == 3
+  assert {f["index"] for f in again["failed"] if f["remembered"]} == {1, 2, 3}
+  assert "were not refetched" in countbench.summary(again)
+
+
+def test_network_failures_remembered_by_an_earlier_version_are_retried(server, tmp_path):
+  examples = _examples(server, ["red.jpg", "missing.jpg"])
+  # A manifest as the downloader wrote it when a run without network marked every link dead.
+  (tmp_path / "manifest.json").write_text(json.dumps({"failed": {
+      countbench.cache_key(e.url): {"url": e.url, "status": "dead", "kind": kind, "error": "x",
+                                    "attempts": 1}
+      for e, kind in zip(examples, ["connection error", "http 404"])}}))
+  report = _download(tmp_path, examples)
+  assert server.requests == {"/red.jpg": 1}
+  assert report["available"] == 1 and report["remembered"] == 1

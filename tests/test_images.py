@@ -1,6 +1,10 @@
 """Image decoding and CLIP preprocessing: odd modes, bad bytes, bombs, crops, parity with HF."""
 import io
+import json
 import struct
+import subprocess
+import sys
+import time
 import warnings
 import zlib
 
@@ -198,3 +202,83 @@ def test_preprocess_batch():
   np.testing.assert_array_equal(batch_a, images.preprocess_batch([good, good], 16, rng=5))
   with pytest.raises(images.BadImageError, match="Image 1 of the batch: Empty image"):
     images.preprocess_batch([good, b""], 16)
+
+
+def _thin_png(width, height):
+  """A few hundred bytes of PNG: under the pixel limit, yet 224 x 4,480,000 once its shorter
+  side is resized to 224 (the 1x20000 case took 14 s and 4.1 GB before the aspect limit)."""
+  return _encode(Image.new("RGB", (width, height), (200, 10, 10)))
+
+
+THIN = [(1, 20_000), (2, 60_000), (20_000, 1)]
+
+
+@pytest.mark.parametrize("width, height", THIN)
+def test_extreme_aspect_ratio_is_refused_quickly(width, height):
+  data = _thin_png(width, height)
+  assert len(data) < 1000 and width * height < images.MAX_PIXELS
+  for call in (images.decode, lambda d: images.preprocess(d, 224),
+               lambda d: images.preprocess(d, 224, rng=0)):
+    start = time.perf_counter()
+    with pytest.raises(images.BadImageError, match="^extreme aspect ratio") as info:
+      call(data)
+    assert time.perf_counter() - start < 1.0
+    assert info.value.reason == "extreme aspect ratio"
+  # A PIL image gets the same verdict as its bytes, before anything is resized.
+  image = Image.new("RGB", (width, height))
+  with pytest.raises(images.BadImageError, match="^extreme aspect ratio"):
+    images.preprocess(image, 224)
+  with pytest.raises(images.BadImageError, match="^extreme aspect ratio"):
+    images.resize_center_crop(image, 224)
+
+
+def test_aspect_ratio_limit_boundary():
+  assert images.MAX_ASPECT_RATIO == 20
+  at_limit = _thin_png(10, 200)  # 20:1 is allowed: a resized 224 x 4480 is 1M pixels
+  assert images.decode(at_limit).size == (10, 200)
+  assert images.preprocess(at_limit, 224).shape == (224, 224, 3)
+  with pytest.raises(images.BadImageError, match="10x201.*max_aspect_ratio=20"):
+    images.decode(_thin_png(10, 201))
+  assert images.decode(_thin_png(10, 201), max_aspect_ratio=30).size == (10, 201)
+  # Other bad images keep the generic reason (data.prepare counts by it).
+  with pytest.raises(images.BadImageError) as info:
+    images.decode(b"")
+  assert info.value.reason == "bad image"
+  with pytest.raises(images.BadImageError, match="Image 1 of the batch: extreme") as info:
+    images.preprocess_batch([at_limit, _thin_png(1, 20_000)], 16)
+  assert info.value.reason == "extreme aspect ratio"
+
+
+_PEAK_MEMORY_CHILD = """
+import io, json, resource, sys
+from PIL import Image
+from countclip_jax.data import images
+datas = [bytes.fromhex(h) for h in json.loads(sys.argv[1])]
+# Cap the address space at what is mapped now + 1 GiB, so that a regression fails fast with a
+# MemoryError instead of taking 4 GB and 14 s of a shared machine.
+with open("/proc/self/statm") as f:
+  mapped = int(f.read().split()[0]) * resource.getpagesize()
+resource.setrlimit(resource.RLIMIT_AS, (mapped + (1 << 30), resource.RLIM_INFINITY))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+reasons = []
+for data in datas:
+  for image in (data, Image.open(io.BytesIO(data))):
+    try:
+      images.preprocess(image, 224)
+      reasons.append(None)
+    except images.BadImageError as e:
+      reasons.append(e.reason)
+grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+print(json.dumps({"reasons": reasons, "grown_kib": grown}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc, ru_maxrss in KiB")
+def test_extreme_aspect_ratio_peak_memory_stays_small():
+  datas = [_thin_png(w, h).hex() for w, h in THIN]
+  result = subprocess.run([sys.executable, "-c", _PEAK_MEMORY_CHILD, json.dumps(datas)],
+                          capture_output=True, text=True, timeout=60, check=False)
+  assert result.returncode == 0, result.stderr[-2000:]
+  out = json.loads(result.stdout)
+  assert out["reasons"] == ["extreme aspect ratio"] * 6
+  assert out["grown_kib"] < 50 << 10  # < 50 MiB over the interpreter's own (was 4.1 GB)

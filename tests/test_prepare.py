@@ -2,6 +2,7 @@
 import io
 import json
 import tarfile
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -77,7 +78,7 @@ def test_webdataset_tar_gives_the_right_shards_and_stats(tmp_path, webdataset_ta
   assert stats["per_number"] == {**{str(n): 0 for n in range(2, 11)}, "3": 1, "5": 1}
   assert stats["skipped"] == {
       "bad image": 1, "several different counts in caption": 1, "missing image": 1,
-      "unsafe path in tar (absolute or '..')": 2, "caption is not utf-8 text or json": 1,
+      "unsafe path in tar (absolute or '..')": 2, "text is not utf-8": 1,
       "empty caption": 1}
   assert stats["skipped_examples"]["bad image"] == [f"{webdataset_tar}:000000002"]
   assert json.loads((out / "stats.json").read_text()) == stats
@@ -165,3 +166,217 @@ def test_unknown_inputs_are_clear_errors(tmp_path):
   (tmp_path / "pairs.csv").write_text("a,b\n")
   with pytest.raises(ValueError, match="pairs.csv: unknown input kind"):
     prepare.prepare(str(tmp_path / "pairs.csv"), str(tmp_path / "out"))
+
+
+def thin_png(width, height) -> bytes:
+  buffer = io.BytesIO()
+  Image.new("RGB", (width, height), (200, 10, 10)).save(buffer, "PNG")
+  return buffer.getvalue()
+
+
+def test_extreme_aspect_ratios_are_skipped_quickly(tmp_path):
+  path = tmp_path / "thin.tar"
+  write_tar(path, [("a.png", thin_png(1, 20_000)), ("a.txt", b"two poles"),
+                   ("b.png", thin_png(2, 60_000)), ("b.txt", b"a fence"),
+                   ("c.jpg", jpeg(5)), ("c.txt", b"three cones")])
+  start = time.perf_counter()
+  stats = prepare.prepare(str(path), str(tmp_path / "out"), num_shards=1, workers=1,
+                          progress=False)
+  assert time.perf_counter() - start < 5.0  # generous for a loaded machine: refusing is instant
+  assert stats["skipped"] == {"extreme aspect ratio": 2}
+  assert stats["skipped_examples"]["extreme aspect ratio"] == [f"{path}:a", f"{path}:b"]
+  assert stats["examples"] == {"counting": 1, "general": 0}
+
+
+def shard_files(out):
+  return sorted(p.name for p in out.iterdir() if p.name.endswith(records.SUFFIX))
+
+
+def test_an_unusable_input_is_skipped_and_named(tmp_path, webdataset_tar):
+  no_columns = tmp_path / "a-no-columns.parquet"
+  pq.write_table(pa.table({"img": [jpeg(1)], "label": ["four owls"]}), no_columns)
+  not_parquet = tmp_path / "b-not.parquet"
+  not_parquet.write_bytes(b"PAR1 but not really" * 10)
+  not_tar = tmp_path / "c-not.tar"
+  not_tar.write_bytes(b"not a tar" * 200)
+  a_folder = tmp_path / "d-folder.jsonl"
+  a_folder.mkdir()
+  good = tmp_path / "e-good.parquet"
+  pq.write_table(pa.table({"image": [jpeg(2)], "caption": ["six geese"]}), good)
+  inputs = [no_columns, not_parquet, not_tar, a_folder, webdataset_tar, good]
+  out = tmp_path / "out"
+  stats = prepare.prepare(",".join(map(str, inputs)), str(out), num_shards=8, progress=False)
+  # The valid inputs are all kept, in order.
+  assert stats["examples"] == {"counting": 3, "general": 2}
+  assert stats["per_number"]["6"] == 1 and stats["per_number"]["3"] == 1
+  assert stats["skipped_inputs"] == {
+      str(no_columns): "input parquet has no 'image' and 'caption' (or 'text') columns",
+      str(not_parquet): "input file is not a parquet file",
+      str(not_tar): "input file is not a tar file",
+      str(a_folder): "unreadable input file (IsADirectoryError)"}
+  for path, reason in stats["skipped_inputs"].items():
+    assert stats["skipped"][reason] == 1 and stats["skipped_examples"][reason] == [path]
+  assert stats["inputs"] == [str(p) for p in inputs]
+  # No empty shards: 8 asked for, 3 and 2 records.
+  assert shard_files(out) == [f"counting-0000{i}-of-00008.array_record" for i in range(3)] + [
+      f"general-0000{i}-of-00008.array_record" for i in range(2)]
+  assert stats["shards"]["counting"] == shard_files(out)[:3]
+  assert not list(out.glob("*-00003-of-00008*"))  # nor their sidecars
+  counting, paths = read_all(out, "counting")
+  assert [r["caption"] for r in counting] == ["Three red apples on a table", "five birds on a wire",
+                                              "six geese"]
+  np.testing.assert_array_equal(records.numbers(paths), [3, 5, 6])
+
+
+def test_strict_refuses_an_unusable_input_before_writing(tmp_path, webdataset_tar, capsys):
+  bad = tmp_path / "bad.parquet"
+  pq.write_table(pa.table({"img": [jpeg(1)]}), bad)
+  out = tmp_path / "out"
+  argv = ["--input", f"{webdataset_tar},{bad}", "--output_dir", str(out), "--strict"]
+  assert prepare.main(argv) == 2
+  captured = capsys.readouterr()
+  assert captured.out == ""
+  lines = captured.err.splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: ") and str(bad) in lines[0]
+  assert "'image' and 'caption'" in lines[0]
+  assert not out.exists()
+  with pytest.raises(prepare.InputError, match="bad.parquet"):
+    prepare.prepare(f"{webdataset_tar},{bad}", str(out), strict=True, progress=False)
+  assert not out.exists()
+  assert prepare.main(argv[:-1] + ["--num_shards", "1"]) == 0  # without --strict: skipped
+  assert "input parquet has no" in capsys.readouterr().out
+
+
+def test_other_command_line_errors_are_one_line(tmp_path, webdataset_tar, capsys):
+  out = str(tmp_path / "out")
+  assert prepare.main(["--input", str(tmp_path / "nothing-*.tar"), "--output_dir", out]) == 2
+  assert capsys.readouterr().err.startswith("error: No input files match")
+  (tmp_path / "pairs.csv").write_text("a,b\n")
+  assert prepare.main(["--input", str(tmp_path / "pairs.csv"), "--output_dir", out]) == 2
+  assert "pairs.csv: unknown input kind" in capsys.readouterr().err
+  assert not (tmp_path / "out").exists()
+  assert prepare.main(["--input", str(webdataset_tar), "--output_dir", out]) == 0
+  capsys.readouterr()
+  assert prepare.main(["--input", str(webdataset_tar), "--output_dir", out]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("error: ") and "--overwrite" in err and err.count("\n") == 1
+
+
+def test_an_interrupted_run_leaves_nothing_and_a_rerun_works(tmp_path, webdataset_tar,
+                                                             monkeypatch):
+  out = tmp_path / "out"
+  calls = []
+  real_check = prepare.check
+
+  def check_then_fail(pair):
+    calls.append(pair.key)
+    if len(calls) == 4:
+      raise KeyboardInterrupt  # what Ctrl-C (or any crash) does in the middle of a run
+    return real_check(pair)
+
+  monkeypatch.setattr(prepare, "check", check_then_fail)
+  with pytest.raises(KeyboardInterrupt):
+    prepare.prepare(str(webdataset_tar), str(out), num_shards=2, workers=1, progress=False)
+  assert len(calls) >= 4
+  assert sorted(p.name for p in out.iterdir()) == []  # no shards (0-byte or not), no stats
+  monkeypatch.setattr(prepare, "check", real_check)
+  stats = prepare.prepare(str(webdataset_tar), str(out), num_shards=2, progress=False)
+  assert stats["examples"] == {"counting": 2, "general": 2}
+  assert sorted(p.name for p in out.iterdir() if not p.name.endswith(".npy")) == [
+      "counting-00000-of-00002.array_record", "counting-00001-of-00002.array_record",
+      "general-00000-of-00002.array_record", "general-00001-of-00002.array_record", "stats.json"]
+
+
+def test_overwrite_replaces_every_earlier_shard(tmp_path, webdataset_tar):
+  out = tmp_path / "out"
+  prepare.prepare(str(webdataset_tar), str(out), num_shards=2, progress=False)
+  (out / "notes.txt").write_text("not ours")
+  stats = prepare.prepare(str(webdataset_tar), str(out), num_shards=1, general=False,
+                          overwrite=True, progress=False)
+  assert sorted(p.name for p in out.iterdir()) == [
+      "counting-00000-of-00001.array_record", "counting-00000-of-00001.array_record.numbers.npy",
+      "notes.txt", "stats.json"]
+  assert json.loads((out / "stats.json").read_text()) == stats
+  assert len(read_all(out, "counting")[0]) == 2
+
+
+def test_jsonl_and_parquet_image_paths_stay_under_their_directory(tmp_path):
+  data = tmp_path / "data"
+  (data / "img").mkdir(parents=True)
+  (data / "img" / "0.jpg").write_bytes(jpeg(10))
+  outside = tmp_path / "outside.jpg"  # any readable file on the machine
+  outside.write_bytes(jpeg(20))
+  path = data / "pairs.jsonl"
+  path.write_text("\n".join(json.dumps(l) for l in [
+      {"image": "img/0.jpg", "caption": "two cups"},
+      {"image": "img/../img/0.jpg", "caption": "three cups"},  # `..` that stays inside is fine
+      {"image": str(outside), "caption": "four cups"},
+      {"image": "../outside.jpg", "caption": "five cups"},
+      {"image": "img/../../outside.jpg", "caption": "six cups"},
+  ]) + "\n")
+  hf = data / "hf.parquet"
+  pq.write_table(pa.table({"image": [{"bytes": None, "path": "../outside.jpg"},
+                                     {"bytes": jpeg(30), "path": "/elsewhere/x.jpg"}],
+                           "caption": ["seven cups", "eight cups"]}), hf)
+  inputs = f"{path},{hf}"
+  stats = prepare.prepare(inputs, str(tmp_path / "out"), num_shards=1, progress=False)
+  reason = "image path outside the input's directory"
+  assert stats["skipped"] == {reason: 4}
+  assert stats["skipped_examples"][reason] == [f"{path}:3", f"{path}:4", f"{path}:5", f"{hf}:0"]
+  counting, _ = read_all(tmp_path / "out", "counting")
+  assert [r["caption"] for r in counting] == ["two cups", "three cups", "eight cups"]
+  stats = prepare.prepare(inputs, str(tmp_path / "out2"), num_shards=1, allow_outside_paths=True,
+                          progress=False)
+  assert stats["skipped"] == {} and stats["examples"]["counting"] == 7
+
+
+def test_bad_utf8_is_skipped_the_same_for_every_input_kind(tmp_path):
+  (tmp_path / "a.jpg").write_bytes(jpeg(1))
+  jsonl = tmp_path / "pairs.jsonl"
+  jsonl.write_bytes(b'{"image": "a.jpg", "caption": "two \xff cats"}\n'
+                    b'{"image": "a.jpg", "caption": "three \\ud800 cats"}\n'  # a lone surrogate
+                    b'{"image": "a.jpg", "caption": "four caf\xc3\xa9s"}\n')
+  tar = tmp_path / "shard.tar"
+  write_tar(tar, [("0.jpg", jpeg(2)), ("0.txt", b"five \xfe cats"),
+                  ("1.jpg", jpeg(3)), ("1.json", b'{"caption": "six \xff cats"}'),
+                  ("2.jpg", jpeg(4)), ("2.json", b'{"caption": "seven \\udfff cats"}'),
+                  ("3.jpg", jpeg(5)), ("3.json", b'{"caption": '),
+                  ("n\xe9e.jpg".encode("latin-1").decode("utf-8", "surrogateescape"), jpeg(6)),
+                  ("n\xe9e.txt".encode("latin-1").decode("utf-8", "surrogateescape"),
+                   b"eight cats")])
+  parquet = tmp_path / "pairs.parquet"
+  captions = pa.array([b"nine \xff cats", "ten caf\u00e9s".encode()]).view(pa.string())
+  pq.write_table(pa.table({"image": [jpeg(7), jpeg(8)], "caption": captions}), parquet)
+  binary = tmp_path / "binary.parquet"
+  pq.write_table(pa.table({"image": [jpeg(9), jpeg(9)],
+                           "text": pa.array([b"two \xc3 dogs", b"three dogs"])}), binary)
+  stats = prepare.prepare(f"{jsonl},{tar},{parquet},{binary}", str(tmp_path / "out"),
+                          num_shards=1, progress=False)
+  reason = "text is not utf-8"
+  assert stats["skipped"] == {reason: 7, "bad json": 1}
+  assert stats["skipped_examples"][reason][:5] == [
+      f"{jsonl}:1", f"{jsonl}:2", f"{tar}:0", f"{tar}:1", f"{tar}:2"]
+  counting, _ = read_all(tmp_path / "out", "counting")
+  assert [r["caption"] for r in counting] == ["four cafés", "eight cats", "ten cafés",
+                                              "three dogs"]
+  assert not any("\ufffd" in r["caption"] for r in counting)
+  assert counting[1]["key"] == f"{tar}:n\\udce9e"  # a non-utf-8 member name, escaped in the key
+
+
+def test_damage_inside_a_file_ends_that_file_only(tmp_path, webdataset_tar):
+  damaged = tmp_path / "damaged.parquet"
+  pq.write_table(pa.table({"image": [jpeg(i) for i in range(4)],
+                           "caption": ["two a", "three b", "four c", "five d"]}), damaged,
+                 row_group_size=2)
+  offset = pq.ParquetFile(damaged).metadata.row_group(1).column(0).data_page_offset
+  data = bytearray(damaged.read_bytes())
+  data[offset:offset + 40] = b"\xff" * 40  # a page header; the footer (pre-flight) is intact
+  damaged.write_bytes(bytes(data))
+  stats = prepare.prepare(f"{damaged},{webdataset_tar}", str(tmp_path / "out"), num_shards=1,
+                          progress=False)
+  assert stats["skipped_inputs"] == {}
+  assert stats["skipped"]["unreadable input file (OSError)"] == 1
+  assert stats["skipped_examples"]["unreadable input file (OSError)"] == [str(damaged)]
+  # The tar after it is read in full (how much of the damaged file comes first is pyarrow's).
+  captions = [r["caption"] for r in read_all(tmp_path / "out", "counting")[0]]
+  assert captions[-2:] == ["Three red apples on a table", "five birds on a wire"]

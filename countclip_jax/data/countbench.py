@@ -2,8 +2,12 @@
 
 The 540 entries ship as package data. Their images live on the open web and many links are dead,
 so `download` fetches what it can into a cache directory, once: an image in the cache is never
-fetched again, and dead or undecodable links are remembered in `manifest.json` and reported, not
-refetched, unless `retry_failed`. Every run writes `report.json` and prints a summary.
+fetched again, and links that are gone -- an HTTP 404 or 410, content that is no image (or over
+MAX_BYTES), a url that is not http(s) -- are remembered in `manifest.json` and reported, not
+refetched, unless `retry_failed`. A network failure (connection refused, DNS failure, timeout,
+5xx; also 429 and the other 4xx, answers that may change) says nothing about the link: it is
+never remembered, and the next run fetches it again. Every run writes `report.json` and prints a
+summary, with the network failures counted apart.
 `load_examples` reads the cache, or a pre-downloaded parquet copy (the `nielsr/countbench`
 layout), for the evaluation: the examples that have an image, and how many were skipped.
 
@@ -35,6 +39,8 @@ from countclip_jax.data import images
 USER_AGENT = "Mozilla/5.0 (compatible; countclip-jax CountBench downloader)"
 MAX_BYTES = 50 << 20
 _RETRY_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
+# The failures that are facts about the link, not about this run's network: remembered.
+_GONE_KINDS = frozenset({"http 404", "http 410", "undecodable", "too large", "bad url"})
 _PARQUET_COLUMNS = ("image_url", "text", "number", "image")
 
 
@@ -143,6 +149,17 @@ def _retryable(kind: str) -> bool:
   return kind in ("timeout", "connection error")
 
 
+def _gone(record: dict) -> bool:
+  """Whether a failure record is remembered (the link is dead), not retried on the next run."""
+  return record.get("kind") in _GONE_KINDS
+
+
+def _failure(kind: str, error: str, attempts: int) -> dict:
+  # "unreachable": a network failure, or an answer that may change; the next run tries again.
+  status = "dead" if kind in _GONE_KINDS else "unreachable"
+  return {"status": status, "kind": kind, "error": error, "attempts": attempts}
+
+
 def _fetch_and_store(url, path, timeout, retries, backoff, max_bytes) -> dict:
   """Downloads, validates and caches one url; returns its record (never raises)."""
   attempt = 0
@@ -152,12 +169,11 @@ def _fetch_and_store(url, path, timeout, retries, backoff, max_bytes) -> dict:
       break
     except _FetchError as e:
       if attempt >= retries or not _retryable(e.kind):
-        return {"status": "dead", "kind": e.kind, "error": e.detail, "attempts": attempt + 1}
+        return _failure(e.kind, e.detail, attempt + 1)
       time.sleep(backoff * 2 ** attempt)
       attempt += 1
     except Exception as e:  # pylint: disable=broad-except  # one bad link must not stop the run
-      return {"status": "dead", "kind": "error", "error": f"{type(e).__name__}: {e}",
-              "attempts": attempt + 1}
+      return _failure("error", f"{type(e).__name__}: {e}", attempt + 1)
   try:
     images.decode(data)
   except images.BadImageError as e:
@@ -189,10 +205,13 @@ def download(out_dir: str, examples: list[Example] | None = None, *, workers: in
              backoff: float = 1.0, max_bytes: int = MAX_BYTES, progress: bool = True) -> dict:
   """Fetches the images of `examples` (default: the package's CountBench) into `out_dir`.
 
-  Cached images are not fetched again; failures remembered in `out_dir/manifest.json` are not
-  either, unless `retry_failed`. Downloads run on `workers` threads; each url gets `timeout`
-  seconds per connect/read and `retries` more attempts after a timeout, connection error or
-  408/429/5xx (waiting `backoff * 2**attempt` s); 404 and other 4xx are final. Downloaded bytes
+  Cached images are not fetched again; dead links remembered in `out_dir/manifest.json` (404,
+  410, undecodable, too large, bad url) are not either, unless `retry_failed`. Downloads run on
+  `workers` threads; each url gets `timeout` seconds per connect/read and `retries` more attempts
+  after a timeout, connection error or 408/425/429/5xx (waiting `backoff * 2**attempt` s); other
+  answers end this run's attempts. Network failures and answers that may change (status
+  "unreachable": connection refused, DNS, timeout, 5xx, 429, 403...) are not remembered: the next
+  run fetches them again, and the report counts them as "network_failures". Downloaded bytes
   must pass `images.decode`, otherwise the link is reported undecodable and nothing is cached.
   Writes `out_dir/entries.json` (what `load_examples` reads) and `out_dir/report.json`, prints
   a summary when `progress`, and returns the report.
@@ -206,6 +225,9 @@ def download(out_dir: str, examples: list[Example] | None = None, *, workers: in
   if os.path.exists(manifest_path):
     with open(manifest_path, encoding="utf-8") as f:
       failed = json.load(f).get("failed", {})
+    # Earlier versions remembered network failures too (a run without network marked every link
+    # dead): those are forgotten here, so that this run fetches them.
+    failed = {k: r for k, r in failed.items() if isinstance(r, dict) and _gone(r)}
 
   by_url = collections.defaultdict(list)
   for e in examples:
@@ -224,10 +246,10 @@ def download(out_dir: str, examples: list[Example] | None = None, *, workers: in
       for future in concurrent.futures.as_completed(futures):
         url = futures[future]
         records[url] = record = future.result()
-        if record["status"] == "ok":
-          failed.pop(cache_key(url), None)
-        else:
+        if record["status"] != "ok" and _gone(record):
           failed[cache_key(url)] = {"url": url, **record}
+        else:  # cached now, or unreachable this time: nothing to remember
+          failed.pop(cache_key(url), None)
         bar.update()
   finally:  # keep what was learned, even on Ctrl-C
     bar.close()
@@ -237,7 +259,7 @@ def download(out_dir: str, examples: list[Example] | None = None, *, workers: in
   for url, group in by_url.items():
     if url in cached_before or records.get(url, {}).get("status") == "ok":
       continue
-    record = failed[cache_key(url)]
+    record = records[url] if url in records else failed[cache_key(url)]
     for e in group:
       failures.append({"index": e.index, "url": url, "status": record["status"],
                        "kind": record["kind"], "error": record["error"],
@@ -251,6 +273,7 @@ def download(out_dir: str, examples: list[Example] | None = None, *, workers: in
       "cached_before": sum(len(by_url[u]) for u in cached_before),
       "unavailable": len(failures),
       "remembered": sum(f["remembered"] for f in failures),
+      "network_failures": sum(f["status"] == "unreachable" for f in failures),
       "by_kind": dict(collections.Counter(f["kind"] for f in failures).most_common()),
       "failed": failures,
   }
@@ -268,6 +291,8 @@ def summary(report: dict) -> str:
   if report["unavailable"]:
     kinds = ", ".join(f"{k}: {n}" for k, n in report["by_kind"].items())
     lines.append(f"{report['unavailable']} unavailable ({kinds}); the evaluation skips them.")
+  if report.get("network_failures"):
+    lines.append(f"{report['network_failures']} network failures, retried on the next run.")
   if report["remembered"]:
     lines.append(f"{report['remembered']} of those failed in an earlier run and were not "
                  "refetched (--retry-failed to try again).")
@@ -333,7 +358,8 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--timeout", type=float, default=10.0, help="seconds per connect/read")
   parser.add_argument("--retries", type=int, default=2, help="retries after timeouts and 5xx")
   parser.add_argument("--retry-failed", action="store_true",
-                      help="refetch links that failed in an earlier run")
+                      help="refetch dead links remembered by an earlier run (network failures "
+                      "are always retried)")
   parser.add_argument("--no-progress", dest="progress", action="store_false",
                       help="no progress bar (the summary is still printed)")
   args = parser.parse_args(argv)

@@ -1,8 +1,8 @@
 """Images: bytes -> RGB -> CLIP's float32 (S, S, 3), robust to bad bytes.
 
 `decode` raises `BadImageError` (a ValueError) for anything it cannot turn into an RGB image --
-empty or truncated files, non-images, decompression bombs -- so that callers count and skip
-the example instead of crashing a run. `preprocess` is CLIP's eval transform, as in OpenAI's
+empty or truncated files, non-images, decompression bombs, strips of extreme aspect ratio -- so
+that callers count and skip the example (by `BadImageError.reason`) instead of crashing a run. `preprocess` is CLIP's eval transform, as in OpenAI's
 and Hugging Face's `CLIPImageProcessor`: shorter side resized (bicubic) to S, centre crop S,
 scaled to [0, 1], normalized by CLIP's mean and std; with `rng` it is the training transform, a
 random resized crop. Arrays are HWC (NHWC batched), like the model's inputs.
@@ -23,24 +23,52 @@ CLIP_MEAN = np.array((0.48145466, 0.4578275, 0.40821073), np.float32)
 CLIP_STD = np.array((0.26862954, 0.26130258, 0.27577711), np.float32)
 # PIL's own threshold. Decoding 89M pixels takes ~270 MB as RGB; larger is almost surely a bomb.
 MAX_PIXELS = 89_478_485
+# Longer side / shorter side. Resizing the shorter side to S makes S * S * ratio pixels before the
+# centre crop, so a 164-byte 1x20000 PNG (well under MAX_PIXELS) became 224 x 4,480,000 at 224 px:
+# 14 s and 4.1 GB for one image. At most 20:1 bounds the resized image to 20 * S * S pixels
+# (1M, 3 MB at 224); a strip past 20:1 (a banner, a divider) is no photo of countable objects.
+MAX_ASPECT_RATIO = 20
 # Crops keep at least 90% of the image by default: a smaller crop can cut counted objects out.
 CROP_SCALE = (0.9, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)
 
 
 class BadImageError(ValueError):
-  """Bytes that are not a decodable image (or exceed the pixel limit): count it and skip it."""
+  """Bytes that are not a decodable image (or exceed a limit): count it and skip it.
+
+  `reason` is a short fixed phrase to count skips by: "extreme aspect ratio", else "bad image".
+  """
+
+  def __init__(self, message: str, reason: str = "bad image"):
+    super().__init__(message)
+    self.reason = reason
 
 
-def decode(data: bytes, *, max_pixels: int = MAX_PIXELS, min_size: int | None = None
-           ) -> Image.Image:
+def check_aspect_ratio(width: int, height: int,
+                       max_aspect_ratio: float = MAX_ASPECT_RATIO) -> None:
+  """Raises BadImageError("extreme aspect ratio ...") past `max_aspect_ratio`: from the size
+  alone, so that a strip is refused before it is decoded or resized."""
+  if min(width, height) <= 0:
+    raise BadImageError(f"Image of {width}x{height} has no pixels.")
+  ratio = max(width, height) / min(width, height)
+  if ratio > max_aspect_ratio:
+    raise BadImageError(f"extreme aspect ratio: {width}x{height} is {ratio:.4g}:1, over "
+                        f"max_aspect_ratio={max_aspect_ratio:g} (resizing its shorter side would "
+                        f"make {ratio:.4g} times the pixels of the crop).",
+                        reason="extreme aspect ratio")
+
+
+def decode(data: bytes, *, max_pixels: int = MAX_PIXELS, min_size: int | None = None,
+           max_aspect_ratio: float = MAX_ASPECT_RATIO) -> Image.Image:
   """Image bytes (any format PIL reads; the first frame of animations) -> RGB PIL image.
 
   min_size: let libjpeg decode JPEGs at 1/2, 1/4 or 1/8 scale while both sides stay >= min_size
     (PIL `draft`): several times faster on large photos that are resized down anyway.
   Raises BadImageError for empty, truncated or unidentifiable bytes and for images of more than
   `max_pixels` pixels (checked from the header, before decoding; this replaces PIL's own
-  `Image.MAX_IMAGE_PIXELS` check, so no DecompressionBombWarning is ever emitted).
+  `Image.MAX_IMAGE_PIXELS` check, so no DecompressionBombWarning is ever emitted), and, with
+  reason "extreme aspect ratio", for a longer side over `max_aspect_ratio` times the shorter
+  (also from the header: such a strip costs nothing to refuse).
   """
   data = bytes(data)
   if not data:
@@ -54,6 +82,7 @@ def decode(data: bytes, *, max_pixels: int = MAX_PIXELS, min_size: int | None = 
   if width * height > max_pixels:
     raise BadImageError(f"Image of {width}x{height} = {width * height} pixels exceeds "
                         f"max_pixels={max_pixels} (decompression bomb guard).")
+  check_aspect_ratio(width, height, max_aspect_ratio)
   try:
     if min_size and isinstance(image, JpegImagePlugin.JpegImageFile):
       image.draft(image.mode, (min_size, min_size))
@@ -109,9 +138,16 @@ def to_rgb(image: Image.Image) -> Image.Image:
   return image.convert("RGB")
 
 
-def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
-  """Shorter side to `size` (bicubic), then the centre `size` x `size`, as CLIPImageProcessor."""
+def resize_center_crop(image: Image.Image, size: int, *,
+                       max_aspect_ratio: float = MAX_ASPECT_RATIO) -> Image.Image:
+  """Shorter side to `size` (bicubic), then the centre `size` x `size`, as CLIPImageProcessor.
+
+  The resized image has at most `max_aspect_ratio * size**2` pixels: past that ratio it raises
+  BadImageError before resizing. (Cropping first, with `resize(box=...)`, would bound it to
+  size**2 but differs from the processor's output by one grey level on some pixels.)
+  """
   width, height = image.size
+  check_aspect_ratio(width, height, max_aspect_ratio)
   if width <= height:
     new = (size, int(size * height / width))
   else:
@@ -164,23 +200,28 @@ def normalize(pixels: np.ndarray) -> np.ndarray:
 def preprocess(image: Image.Image | bytes, size: int = 224, *,
                rng: np.random.Generator | int | None = None,
                scale: tuple[float, float] = CROP_SCALE, ratio: tuple[float, float] = CROP_RATIO,
-               max_pixels: int = MAX_PIXELS) -> np.ndarray:
+               max_pixels: int = MAX_PIXELS, max_aspect_ratio: float = MAX_ASPECT_RATIO
+               ) -> np.ndarray:
   """Image or its bytes -> float32 (size, size, 3), CLIP-normalized.
 
   Without `rng`: CLIP's eval transform (resize shorter side, centre crop). With `rng`: the
   training augmentation `random_resized_crop(scale, ratio)`. Bytes go through `decode` (and
-  raise BadImageError); JPEGs are decoded at the smallest scale that keeps enough pixels.
+  raise BadImageError); JPEGs are decoded at the smallest scale that keeps enough pixels. An image
+  past `max_aspect_ratio` raises BadImageError("extreme aspect ratio ...") either way, with or
+  without `rng`, so that an image gets one verdict whichever transform or input kind it meets.
   """
   augment = rng is not None
   if isinstance(image, Image.Image):
+    check_aspect_ratio(*image.size, max_aspect_ratio)  # before to_rgb converts all its pixels
     image = to_rgb(image)
   else:
     min_size = math.ceil(size / math.sqrt(scale[0])) if augment else size
-    image = decode(image, max_pixels=max_pixels, min_size=min_size)
+    image = decode(image, max_pixels=max_pixels, min_size=min_size,
+                   max_aspect_ratio=max_aspect_ratio)
   if augment:
     image = random_resized_crop(image, size, rng, scale, ratio)
   else:
-    image = resize_center_crop(image, size)
+    image = resize_center_crop(image, size, max_aspect_ratio=max_aspect_ratio)
   return normalize(np.asarray(image))
 
 
@@ -193,7 +234,7 @@ def preprocess_batch(images: Sequence[Image.Image | bytes], size: int = 224, *,
     try:
       out[i] = preprocess(image, size, rng=rng, **kwargs)
     except BadImageError as e:
-      raise BadImageError(f"Image {i} of the batch: {e}") from e
+      raise BadImageError(f"Image {i} of the batch: {e}", e.reason) from e
   return out
 
 

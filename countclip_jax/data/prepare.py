@@ -8,14 +8,27 @@ Inputs are comma-separated globs; the kind comes from the extension:
             `KEY.txt` and/or `KEY.json` ({"caption": ...}); members of one key are consecutive.
   .jsonl    one {"image": path, "caption": str} per line; paths relative to the jsonl's folder.
   .parquet  columns `image` (path, bytes, or {"bytes", "path"} as Hugging Face datasets store
-            images) and `caption` (or `text`).
+            images) and `caption` (or `text`); paths relative to the parquet's folder.
 Each caption goes through `text.numbers.parse_count`: one stated count two..ten -> the counting
 set (`number` = the count), no count -> the general set (`number` = 0), two different counts
-("two cats and three dogs") -> skipped. Every image is decoded once (`images.decode`). Nothing
-bad is fatal: a corrupt image, a missing caption, a bad json line or a tar member with an absolute
-or `..` path (refused, never read) is skipped and counted by reason in `stats.json`, next to the
-per-number counts. `--max_per_number` keeps the first N examples of each count (the inputs'
-order) to balance the counting set. Output: records.py shards `counting-*`, `general-*`.
+("two cats and three dogs") -> skipped. Every image is decoded once (`images.decode`, which
+also refuses strips past `images.MAX_ASPECT_RATIO`). Nothing bad is fatal, and everything skipped
+is counted by reason in `stats.json`, next to the per-number counts, with the first keys of each:
+  - an example: a corrupt image, an extreme aspect ratio, a missing caption, a bad json line, text
+    that is not UTF-8 (the same rule for every kind: never decoded with replacement characters),
+    a tar member with an absolute or `..` path (refused, never read), or an image path of a jsonl
+    or parquet that is absolute, a url or climbs out of the input's folder with `..` (refused
+    unless `--allow_outside_paths`: a caption file must not ingest any file on the machine);
+  - a whole input file that is unusable (unreadable, not a tar or parquet, a parquet without the
+    columns): skipped and named in `stats.json` "skipped_inputs" before the run starts, or, with
+    `--strict`, refused before anything is written (exit status 2, one line `error: ...`).
+`--max_per_number` keeps the first N examples of each count (the inputs' order) to balance the
+counting set. Output: records.py shards `counting-*`, `general-*`, shards with no record left out
+(fewer records than `--num_shards`). Shards are written in `OUTPUT_DIR/.prepare-partial/` and
+moved in at the end, stats.json last, so an interrupted run leaves no shard behind and can simply
+be run again. An output dir that holds an earlier run's shards or stats.json is refused unless
+`--overwrite`, which replaces all of them (also those of another `--num_shards` or of a set this
+run does not write).
 """
 from __future__ import annotations
 
@@ -32,6 +45,7 @@ import sys
 import tarfile
 from typing import Iterable, Iterator, Sequence
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import tqdm
 from etils import epath
@@ -46,6 +60,16 @@ KINDS = {".tar": "webdataset", ".jsonl": "jsonl", ".parquet": "parquet"}
 # this many pairs so that memory stays bounded and the output order is the input order.
 CHUNK = 512
 EXAMPLES_PER_REASON = 5  # keys kept in stats.json per skip reason, to find the culprits
+PARTIAL = ".prepare-partial"  # the shards of a run in progress, under the output dir
+NOT_UTF8 = "text is not utf-8"
+OUTSIDE = "image path outside the input's directory"
+# What reading a damaged input can raise past the readers' own checks (ArrowInvalid and
+# UnicodeDecodeError are ValueErrors): the file's remaining examples are counted as one skip.
+READ_ERRORS = (OSError, EOFError, ValueError, tarfile.TarError, pa.ArrowException)
+
+
+class InputError(ValueError):
+  """The command line's inputs are refused before anything is written (exit status 2)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,25 +124,30 @@ def _webdataset_members(path: str, f) -> Iterator[Pair]:
 
 def _webdataset_pair(key: str, files: dict[str, bytes]) -> Pair:
   image = next((files[e] for e in IMAGE_EXTENSIONS if e in files), None)
+  if "txt" in files:
+    return Pair(key, image, files["txt"])  # bytes: `check` decodes every kind's text alike
+  if "json" not in files:
+    return Pair(key, image, None)
   try:
-    if "txt" in files:
-      caption = files["txt"].decode("utf-8")
-    elif "json" in files:
-      meta = json.loads(files["json"])
-      caption = meta.get("caption") if isinstance(meta, dict) else None
-    else:
-      caption = None
-  except (UnicodeDecodeError, json.JSONDecodeError):
-    return Pair(key, skip="caption is not utf-8 text or json")
-  return Pair(key, image, caption)
+    meta = json.loads(files["json"].decode("utf-8"))  # not json.loads(bytes): it guesses UTF-16
+  except UnicodeDecodeError:
+    return Pair(key, skip=NOT_UTF8)
+  except json.JSONDecodeError:
+    return Pair(key, skip="bad json")
+  return Pair(key, image, meta.get("caption") if isinstance(meta, dict) else None)
 
 
-def read_jsonl(path: str) -> Iterator[Pair]:
+def read_jsonl(path: str, allow_outside_paths: bool = False) -> Iterator[Pair]:
   folder = os.path.dirname(path)
   with epath.Path(path).open("rb") as f:
     for line_number, line in enumerate(f, 1):
       key = f"{path}:{line_number}"
-      line = line.decode("utf-8", errors="replace")
+      try:
+        # Strict, as for tars and parquet: a replacement character would reach the captions.
+        line = line.decode("utf-8-sig" if line_number == 1 else "utf-8")
+      except UnicodeDecodeError:
+        yield Pair(key, skip=NOT_UTF8)
+        continue
       if not line.strip():
         continue
       try:
@@ -129,35 +158,88 @@ def read_jsonl(path: str) -> Iterator[Pair]:
       if not isinstance(row, dict):
         yield Pair(key, skip="bad json line")
         continue
-      yield Pair(key, _image_field(row.get("image"), folder), row.get("caption", row.get("text")))
+      yield _pair(key, row.get("image"), row.get("caption", row.get("text")), folder,
+                  allow_outside_paths)
 
 
-def read_parquet(path: str) -> Iterator[Pair]:
+def read_parquet(path: str, allow_outside_paths: bool = False) -> Iterator[Pair]:
   folder = os.path.dirname(path)
   with epath.Path(path).open("rb") as f:
     table = pq.ParquetFile(f)
-    names = table.schema_arrow.names
-    caption_column = "caption" if "caption" in names else "text"
-    if "image" not in names or caption_column not in names:
-      raise ValueError(f"{path}: parquet needs columns 'image' and 'caption' (or 'text'); "
-                       f"it has {names}.")
+    caption_column = _parquet_caption_column(table.schema_arrow.names)
+    if caption_column is None:  # inspect_input has skipped such a file already
+      raise ValueError(f"{path}: {NO_COLUMNS}; it has {table.schema_arrow.names}.")
     row_number = 0
     for batch in table.iter_batches(columns=["image", caption_column], batch_size=256):
-      for row in batch.to_pylist():
-        yield Pair(f"{path}:{row_number}", _image_field(row["image"], folder), row[caption_column])
+      captions = batch.column(1)
+      if pa.types.is_string(captions.type) or pa.types.is_large_string(captions.type):
+        # As bytes, never validated by Arrow: one bad caption must not end the file (to_pylist
+        # raises for the whole batch), and `check` decodes them like the other kinds' text.
+        captions = captions.view(pa.large_binary() if pa.types.is_large_string(captions.type)
+                                 else pa.binary())
+      for image, caption in zip(batch.column(0).to_pylist(), captions.to_pylist()):
+        yield _pair(f"{path}:{row_number}", image, caption, folder, allow_outside_paths)
         row_number += 1
 
 
-def _image_field(value, folder: str) -> bytes | str | None:
-  """bytes, a path (relative to `folder`), or {"bytes", "path"} -> bytes or an absolute path."""
+def _parquet_caption_column(names: Sequence[str]) -> str | None:
+  caption_column = "caption" if "caption" in names else "text"
+  return caption_column if "image" in names and caption_column in names else None
+
+
+def _outside(value: str) -> bool:
+  """Absolute, a url, or climbing out with `..` (after normalising: `a/../b` stays inside)."""
+  if "://" in value or os.path.isabs(value) or value.startswith(("/", "\\")):
+    return True
+  normal = posixpath.normpath(value.replace("\\", "/"))
+  return normal == ".." or normal.startswith("../")
+
+
+def _pair(key: str, value, caption, folder: str, allow_outside_paths: bool) -> Pair:
+  """bytes, a path (relative to `folder`), or {"bytes", "path"} -> a Pair with bytes or a path.
+
+  A path is refused (OUTSIDE) if it leaves `folder`, unless `allow_outside_paths`. Symlinks
+  inside the folder are followed: they are the dataset owner's, not the caption file's, choice.
+  """
   if isinstance(value, dict):
     value = value.get("bytes") or value.get("path")
   if isinstance(value, str) and value:
-    return value if os.path.isabs(value) or "://" in value else os.path.join(folder, value)
-  return value if isinstance(value, bytes) and value else None
+    if _outside(value):
+      if not allow_outside_paths:
+        return Pair(key, skip=OUTSIDE)
+      return Pair(key, value if os.path.isabs(value) or "://" in value
+                  else os.path.join(folder, value), caption)
+    return Pair(key, os.path.join(folder, value), caption)
+  return Pair(key, value if isinstance(value, bytes) and value else None, caption)
 
 
 READERS = {"webdataset": read_webdataset, "jsonl": read_jsonl, "parquet": read_parquet}
+NO_COLUMNS = "input parquet has no 'image' and 'caption' (or 'text') columns"
+
+
+def inspect_input(path: str) -> str | None:
+  """Why an input file is unusable as a whole (a skip reason), or None. Reads only its start
+  (a tar's first header, a parquet's footer), so that one bad file is found before the run."""
+  kind = KINDS[os.path.splitext(path)[1]]
+  try:
+    with epath.Path(path).open("rb") as f:
+      if kind == "parquet":
+        try:
+          names = pq.ParquetFile(f).schema_arrow.names
+        except (pa.ArrowException, ValueError, OSError):
+          return "input file is not a parquet file"
+        return None if _parquet_caption_column(names) else NO_COLUMNS
+      if kind == "webdataset":
+        try:
+          with tarfile.open(fileobj=f, mode="r|*") as tar:
+            tar.next()
+        except (tarfile.TarError, EOFError):
+          return "input file is not a tar file"
+        return None
+      f.read(1)
+      return None
+  except OSError as e:
+    return f"unreadable input file ({type(e).__name__})"
 
 
 def expand_inputs(patterns: str | Sequence[str]) -> list[str]:
@@ -172,14 +254,24 @@ def expand_inputs(patterns: str | Sequence[str]) -> list[str]:
       raise FileNotFoundError(f"No input files match {pattern!r}.")
     for m in matches:
       if os.path.splitext(m)[1] not in KINDS:
-        raise ValueError(f"{m}: unknown input kind; expected one of {sorted(KINDS)}.")
+        raise InputError(f"{m}: unknown input kind; expected one of {sorted(KINDS)}.")
     files += matches
   return files
 
 
-def read_pairs(files: Iterable[str]) -> Iterator[Pair]:
+def read_pairs(files: Iterable[str], allow_outside_paths: bool = False) -> Iterator[Pair]:
+  """Every file's Pairs in order; damage found in the middle of a file (past inspect_input)
+  ends that file with one skip naming it, and the next file is read."""
   for path in files:
-    yield from READERS[KINDS[os.path.splitext(path)[1]]](path)
+    kind = KINDS[os.path.splitext(path)[1]]
+    reader = READERS[kind]
+    try:
+      if kind == "webdataset":
+        yield from reader(path)
+      else:
+        yield from reader(path, allow_outside_paths)
+    except READ_ERRORS as e:
+      yield Pair(path, skip=f"unreadable input file ({type(e).__name__})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,48 +286,107 @@ class Checked:
   skip: str | None = None
 
 
+def _text(value) -> str | None:
+  """A caption as str, the same for every input kind: bytes decode as strict UTF-8 and a str
+  must encode as UTF-8 (json's "\\ud800" escapes make lone surrogates, which the records'
+  msgpack refuses); raises UnicodeError otherwise. None if it is neither."""
+  if isinstance(value, bytes):
+    return value.decode("utf-8")
+  if isinstance(value, str):
+    value.encode("utf-8")
+    return value
+  return None
+
+
+def _safe_key(key: str) -> str:
+  # Tar member names that are not UTF-8 come as surrogate escapes; the key is provenance only,
+  # so it is kept, escaped, rather than failing the record's encoding.
+  return key.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def check(pair: Pair) -> Checked:
   """Caption -> its set (parse_count), image bytes validated by decoding; or the skip reason."""
+  key = _safe_key(pair.key)
   if pair.skip:
-    return Checked(pair.key, skip=pair.skip)
-  if not isinstance(pair.caption, str):
-    return Checked(pair.key, skip="missing caption")
-  caption = " ".join(pair.caption.split())
+    return Checked(key, skip=pair.skip)
+  try:
+    caption = _text(pair.caption)
+  except UnicodeError:
+    return Checked(key, skip=NOT_UTF8)
+  if caption is None:
+    return Checked(key, skip="missing caption")
+  caption = " ".join(caption.split())
   if not caption:
-    return Checked(pair.key, skip="empty caption")
+    return Checked(key, skip="empty caption")
   number = numbers.parse_count(caption)
   if number is None and any(m.reason is None for m in numbers.find_numbers(caption)):
-    return Checked(pair.key, skip="several different counts in caption")
+    return Checked(key, skip="several different counts in caption")
   image = pair.image
   if image is None:
-    return Checked(pair.key, skip="missing image")
+    return Checked(key, skip="missing image")
   if isinstance(image, str):
     try:
       image = epath.Path(image).read_bytes()
-    except OSError:
-      return Checked(pair.key, skip="missing image")
+    except (OSError, ValueError):  # ValueError: a path epath cannot even form
+      return Checked(key, skip="missing image")
   try:
     images.decode(image)
-  except images.BadImageError:
-    return Checked(pair.key, skip="bad image")
-  return Checked(pair.key, image, caption, number or 0)
+  except images.BadImageError as e:
+    return Checked(key, skip=e.reason)  # "bad image", or "extreme aspect ratio"
+  return Checked(key, image, caption, number or 0)
+
+
+def _earlier_outputs(out: epath.Path) -> list[epath.Path]:
+  """What a prepare run wrote in `out`: shards of both sets, their sidecars, stats.json."""
+  if not out.exists():
+    return []
+  found = [p for name in ("counting", "general") for p in out.glob(f"{name}-*")
+           if p.name.endswith((records.SUFFIX, records.SUFFIX + records.NUMBERS_SUFFIX))]
+  return sorted(found + ([out / "stats.json"] if (out / "stats.json").exists() else []))
 
 
 def prepare(inputs: str | Sequence[str], output_dir: str, *, num_shards: int = 16,
             max_per_number: int = 0, general: bool = True, workers: int | None = None,
-            overwrite: bool = False, progress: bool = True) -> dict:
+            overwrite: bool = False, strict: bool = False, allow_outside_paths: bool = False,
+            progress: bool = True) -> dict:
   """Writes `counting-*` and (if `general`) `general-*` shards and stats.json; returns the stats.
 
   max_per_number: keep at most this many counting examples of each number (0: all).
+  strict: an unusable input file raises InputError before anything is written, instead of being
+    skipped and named in stats["skipped_inputs"].
+  overwrite: replace an earlier run's shards and stats.json in `output_dir` (else FileExistsError).
+  allow_outside_paths: let jsonl/parquet image paths be absolute, urls, or climb out with `..`.
   """
+  if num_shards < 1:
+    raise InputError(f"num_shards must be >= 1, got {num_shards}.")
   files = expand_inputs(inputs)
+  unusable = {path: reason for path in files if (reason := inspect_input(path))}
+  if strict and unusable:
+    raise InputError(f"{len(unusable)} unusable input file(s), nothing written (--strict): "
+                     + "; ".join(f"{p}: {r}" for p, r in unusable.items()))
   out = epath.Path(output_dir)
-  if not overwrite and out.exists() and list(out.glob(f"*{records.SUFFIX}")):
-    raise FileExistsError(f"{output_dir} already holds ArrayRecord shards; pass overwrite=True "
-                          "(--overwrite) to replace them.")
-  writers = {"counting": records.ShardWriter(output_dir, "counting", num_shards)}
+  earlier = _earlier_outputs(out)
+  if earlier and not overwrite:
+    raise FileExistsError(f"{output_dir} already holds the shards or stats.json of a prepare run; "
+                          "pass overwrite=True (--overwrite) to replace them.")
+  staging = out / PARTIAL
+  if staging.exists():  # what a killed run left: never published, safe to drop
+    staging.rmtree()
+  try:
+    stats = _run(files, unusable, out, staging, num_shards=num_shards,
+                 max_per_number=max_per_number, general=general, workers=workers,
+                 allow_outside_paths=allow_outside_paths, progress=progress, earlier=earlier)
+  finally:
+    if staging.exists():
+      staging.rmtree()
+  return stats
+
+
+def _run(files, unusable, out, staging, *, num_shards, max_per_number, general, workers,
+         allow_outside_paths, progress, earlier) -> dict:
+  writers = {"counting": records.ShardWriter(str(staging), "counting", num_shards)}
   if general:
-    writers["general"] = records.ShardWriter(output_dir, "general", num_shards)
+    writers["general"] = records.ShardWriter(str(staging), "general", num_shards)
   seen, kept = collections.Counter(), collections.Counter()
   skipped, skipped_keys = collections.Counter(), collections.defaultdict(list)
 
@@ -244,7 +395,9 @@ def prepare(inputs: str | Sequence[str], output_dir: str, *, num_shards: int = 1
     if len(skipped_keys[reason]) < EXAMPLES_PER_REASON:
       skipped_keys[reason].append(key)
 
-  pairs = read_pairs(files)
+  for path, reason in unusable.items():
+    skip(path, reason)
+  pairs = read_pairs([p for p in files if p not in unusable], allow_outside_paths)
   bar = tqdm.tqdm(unit=" pairs", desc="prepare", disable=not progress, file=sys.stderr)
   with concurrent.futures.ThreadPoolExecutor(workers or os.cpu_count()) as pool:
     while chunk := list(itertools.islice(pairs, CHUNK)):
@@ -266,7 +419,20 @@ def prepare(inputs: str | Sequence[str], output_dir: str, *, num_shards: int = 1
       bar.set_postfix(counting=writers["counting"].count, skipped=sum(skipped.values()),
                       general=writers["general"].count if general else 0)
   bar.close()
-  shards = {name: [os.path.basename(p) for p in w.close()] for name, w in writers.items()}
+  written = {name: w.close() for name, w in writers.items()}
+  # Publish: the earlier run's files go (overwrite), the shards that got records move in, the
+  # empty ones are dropped (a reader would have to skip them), stats.json last marks it done.
+  for path in earlier:
+    path.unlink()
+  shards = {}
+  for name, paths in written.items():
+    shards[name] = []
+    for path in map(epath.Path, paths):
+      sidecar = epath.Path(str(path) + records.NUMBERS_SUFFIX)
+      if len(records.numbers([str(path)])):
+        path.rename(out / path.name)
+        sidecar.rename(out / sidecar.name)
+        shards[name].append(path.name)
   stats = {
       "inputs": files,
       "examples": {name: w.count for name, w in writers.items()},
@@ -275,6 +441,7 @@ def prepare(inputs: str | Sequence[str], output_dir: str, *, num_shards: int = 1
       "max_per_number": max_per_number,
       "skipped": dict(sorted(skipped.items())),
       "skipped_examples": dict(sorted(skipped_keys.items())),
+      "skipped_inputs": unusable,
       "shards": shards,
   }
   (out / "stats.json").write_text(json.dumps(stats, indent=2))
@@ -299,11 +466,22 @@ def main(argv: list[str] | None = None) -> int:
                       help="keep at most N counting examples per number (0: all)")
   parser.add_argument("--no_general", action="store_true", help="write the counting set only")
   parser.add_argument("--workers", type=int, default=0, help="decoding threads (0: cpu count)")
-  parser.add_argument("--overwrite", action="store_true")
+  parser.add_argument("--overwrite", action="store_true",
+                      help="replace an earlier run's shards and stats.json in --output_dir")
+  parser.add_argument("--strict", action="store_true",
+                      help="refuse (exit 2, nothing written) if an input file is unusable, "
+                      "instead of skipping it")
+  parser.add_argument("--allow_outside_paths", action="store_true",
+                      help="let jsonl/parquet image paths be absolute or leave their folder")
   args = parser.parse_args(argv)
-  stats = prepare(args.input, args.output_dir, num_shards=args.num_shards,
-                  max_per_number=args.max_per_number, general=not args.no_general,
-                  workers=args.workers or None, overwrite=args.overwrite)
+  try:
+    stats = prepare(args.input, args.output_dir, num_shards=args.num_shards,
+                    max_per_number=args.max_per_number, general=not args.no_general,
+                    workers=args.workers or None, overwrite=args.overwrite, strict=args.strict,
+                    allow_outside_paths=args.allow_outside_paths)
+  except (InputError, FileNotFoundError, FileExistsError) as e:  # refused before writing
+    print("error: " + " ".join(str(e).split()), file=sys.stderr)
+    return 2
   print(summary(stats))
   print(f"Wrote {args.output_dir}/stats.json")
   return 0
