@@ -71,9 +71,11 @@ def base() -> ml_collections.ConfigDict:
   c.density.scale = 60.0       # targets are density x this (CLIP-Count's x60); count = sum / scale
   c.density.other_prompts = -1  # E prompts of other kinds per image (-1: 2 synthetic, 0 real)
   c.density.prompt_template = "{}"  # formatted with the class name (CLIP-Count: the bare name)
-  c.density.model = "tiny"     # models.density.PRESETS key: clip_count (B/16) | tiny
-  c.density.pooling = "eot"    # how the text tower pools the prompt (eot token)
-  c.density.cross_attention = "tokens"  # what the image attends to: the prompt's tokens
+  c.density.model = "tiny"     # models.density.PRESETS key: clip_count (B/16) | demo | tiny
+  c.density.pooling = "eot"    # eot (the true end-of-text) | clip_count (its argmax of the ids
+                               # before the context tokens: two tokens early, for ablations)
+  c.density.cross_attention = "tokens"  # tokens (the prompt's token states) | pooled (one key,
+                                        # CLIP-Count's: every attention weight is 1)
   c.density.contrastive_weight = 0.0  # weight of CLIP-Count's patch-text contrastive loss
   c.density.prompt_contrast_weight = 1.0  # weight of the other-prompt (absent / other kind) loss
   c.density.contrastive_only_steps = 0  # first steps trained on the contrastive loss alone

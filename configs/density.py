@@ -20,7 +20,7 @@ def get_config(arg: str = "demo"):
   c.model.arch = "demo"
   c.model.dtype = "float32"        # CPUs have no fast bf16
   c.data.context_length = 8        # "red circles" + bos/eos, room for 2 learned context tokens
-  c.density.model = "tiny"
+  c.density.model = "demo"
   c.density.synthetic.size = 100_000
   c.train.freeze = "^backbone/"
   # CLIP-Count's AdamW (betas 0.9, 0.95; weight decay 0.05), at a from-scratch head's rate.
@@ -37,6 +37,7 @@ def get_config(arg: str = "demo"):
   c.density.eval_size = 300
   if arg == "tiny":
     c.model.arch = "tiny"
+    c.density.model = "tiny"
     c.density.synthetic.size = 1000
     c.density.synthetic.max_count = 20
     c.train.steps = 6

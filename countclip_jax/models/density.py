@@ -109,7 +109,11 @@ CLIP_COUNT = DensityConfig()
 # Seconds on a CPU, with `ARCHITECTURES["tiny"]` (64 px, 16 px patches: a 4x4 grid).
 TINY = DensityConfig(prompt_tokens=2, prompt_depth=2, context_tokens=2, width=32, heads=2,
                      mlp_dim=64, decoder_widths=(16, 16, 8, 8), input_size=96)
-PRESETS = {"clip_count": ("b16", CLIP_COUNT), "tiny": ("tiny", TINY)}
+# The CPU demo's head, on `ARCHITECTURES["demo"]` (64 px, 8 px patches: an 8x8 grid); prompts in
+# every layer of its 4.
+DEMO = DensityConfig(prompt_tokens=4, prompt_depth=4, context_tokens=2, width=64, heads=4,
+                     mlp_dim=128, decoder_widths=(32, 32, 16, 16), input_size=64)
+PRESETS = {"clip_count": ("b16", CLIP_COUNT), "demo": ("demo", DEMO), "tiny": ("tiny", TINY)}
 
 
 class TextFeatures(NamedTuple):
