@@ -60,6 +60,9 @@ class Density(tasks.Task):
       if not d[name] >= 0:
         raise ValueError(f"density.{name} must be >= 0, got {d[name]}")
     density_pipeline.num_other_prompts(config)  # checks source and other_prompts
+    if not density_pipeline.is_synthetic(config) and not epath.Path(d.data_dir or "/-").exists():
+      raise ValueError(f"density.data_dir {d.data_dir!r} does not exist: give the root of the "
+                       f"{d.source} tree (data/counting_datasets.py names its layout)")
     data, fsdp, _ = sharding.mesh_shape(config.mesh, num_devices)
     parallel = data * fsdp * config.train.grad_accum
     if config.train.batch_size % parallel:
