@@ -47,11 +47,11 @@ def check_start_layer(start_layer: int, depth: int, tower: str) -> int:
   return start_layer % depth
 
 
-def eot_positions(input_ids: jax.Array, eos_token_id: int) -> jax.Array:
-  """The position each caption is pooled at: TextTransformer's rule, repeated here."""
-  if eos_token_id == 2:  # HF's legacy configs: eos has the largest id in the vocabulary
-    return jnp.argmax(input_ids, axis=-1)
-  return jnp.argmax(input_ids == eos_token_id, axis=-1)
+def eot_positions(input_ids, eos_token_id: int):
+  """The model's pooling position (clip.eot_positions), imported late: models pulls in
+  transformers, and the CLI checks its image before paying for that."""
+  from countclip_jax.models.clip import eot_positions as rule  # pylint: disable=g-import-not-at-top
+  return rule(input_ids, eos_token_id)
 
 
 def rollout(probs: Sequence[jax.Array], grads: Sequence[jax.Array], start=0) -> jax.Array:

@@ -276,11 +276,16 @@ class TextTransformer(nn.Module):
     x = _layer_norm("final_layer_norm", c.layer_norm_eps, **kw)(x)
     if states:  # every token's state (CLIP.text_states), not the eos-pooled one
       return x
-    if c.eos_token_id == 2:  # HF's legacy configs: eos has the largest id in the vocabulary.
-      eos_pos = jnp.argmax(input_ids, axis=-1)
-    else:  # the first eos (padding may also be eos)
-      eos_pos = jnp.argmax(input_ids == c.eos_token_id, axis=-1)
+    eos_pos = eot_positions(input_ids, c.eos_token_id)
     return jnp.take_along_axis(x, eos_pos[:, None, None], axis=1)[:, 0]
+
+
+def eot_positions(input_ids, eos_token_id: int):
+  """The position each caption is pooled at, as HF does: the first eos (padding may also be
+  eos), or for HF's legacy configs (eos_token_id 2) the largest id, which is eos."""
+  if eos_token_id == 2:
+    return jnp.argmax(input_ids, axis=-1)
+  return jnp.argmax(input_ids == eos_token_id, axis=-1)
 
 
 class VisionEmbeddings(nn.Module):

@@ -40,7 +40,7 @@ import numpy as np
 
 from countclip_jax.models.clip import (ARCHITECTURES, CLIPConfig, Encoder, EncoderLayer,
                                        VisionEmbeddings, _init, _layer_norm, _ones, _zeros,
-                                       normalize)
+                                       eot_positions, normalize)
 
 Dtype = Any
 
@@ -185,10 +185,7 @@ class _TextTower(nn.Module):
       mask = keep[:, None, None, :]
     x = Encoder(c, remat=self.remat, name="encoder", **kw)(x, mask, causal=True)
     x = _layer_norm("final_layer_norm", c.layer_norm_eps, **kw)(x)
-    if c.eos_token_id == 2:  # as clip.py: HF's legacy rule, eos has the largest id
-      eos = jnp.argmax(input_ids, axis=-1)
-    else:
-      eos = jnp.argmax(input_ids == c.eos_token_id, axis=-1)
+    eos = eot_positions(input_ids, c.eos_token_id)
     # "clip_count" reads the eot slot of the ids before the context went in.
     pos = jnp.minimum(eos + (n if self.pooling == "eot" else 0), length - 1)
     return x, pos
