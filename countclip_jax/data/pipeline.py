@@ -255,19 +255,30 @@ class _Lookup:
     return self.dataset[int(index)]
 
 
+# Rows per endless stream. grain's repeat() without a count is sys.maxsize long, and a mix of
+# several such streams (or a batch of one row of it) overflows len(); this many rows is as
+# endless in practice, and the same for every stream, so the mix interleaves as before.
+STREAM_ROWS = 2**56
+
+
+def _endless(dataset: grain.MapDataset) -> grain.MapDataset:
+  """The dataset repeated (each epoch in its own order) to exactly STREAM_ROWS rows."""
+  return dataset.repeat(-(-STREAM_ROWS // len(dataset)))[:STREAM_ROWS]
+
+
 def _stream(examples: _Examples, seed: int, balance: bool, where: str) -> grain.MapDataset:
   """An infinite, per-epoch reshuffled stream of `examples`; with `balance` the numbers take
   turns (a uniform mix over the numbers present), each number reshuffled on its own."""
   if len(examples.dataset) == 0:
     raise ValueError(f"No {where} examples (an empty set).")
   if not balance:
-    return examples.dataset.shuffle(seed).repeat()
+    return _endless(examples.dataset.shuffle(seed))
   present = sorted(set(examples.numbers.tolist()))
   missing = sorted(set(numbers.NUMBERS) - set(present))
   if missing:
     logging.warning("Balanced sampling: no %s examples of %s on this process.", where, missing)
-  streams = [grain.MapDataset.source(np.flatnonzero(examples.numbers == n))
-             .shuffle((seed + i) % 2**32).repeat() for i, n in enumerate(present)]
+  streams = [_endless(grain.MapDataset.source(np.flatnonzero(examples.numbers == n))
+                     .shuffle((seed + i) % 2**32)) for i, n in enumerate(present)]
   return grain.MapDataset.mix(streams).map(_Lookup(examples.dataset))
 
 
