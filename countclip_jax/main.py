@@ -4,10 +4,12 @@ Any config field can be overridden: `--config.train.lr=1e-5 --config.count.fract
 The workdir may be local or gs://; a run started again with the same workdir resumes from its
 newest checkpoint. Run the same command on every host of a TPU pod.
 """
-from absl import app, flags, logging
+import sys
+
+from absl import app, flags
 from ml_collections import config_flags
 
-from countclip_jax import trainer
+from countclip_jax import cli, trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).",
                                           lock_config=True)
@@ -18,9 +20,12 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  logging.info("Config:\n%s", _CONFIG.value)
-  trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  try:
+    trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except FloatingPointError as e:  # the non-finite guard: a failed run, not a user mistake
+    print(f"error: {cli.one_line(e)}", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -45,7 +45,7 @@ def initialize_distributed() -> None:
   try:
     jax.distributed.initialize()
   except ValueError as e:  # no cluster detected: one process
-    logging.info("Single process (%s)", e)
+    logging.debug("Single process (%s)", e)
 
 
 def mesh_shape(mesh_config, num_devices: int) -> tuple[int, int, int]:

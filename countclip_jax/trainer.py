@@ -7,6 +7,7 @@ step, the loop with its metrics, checkpoints and evals.
 from __future__ import annotations
 
 import functools
+import math
 import re
 import time
 from typing import Any
@@ -20,9 +21,10 @@ import optax
 import tqdm
 from absl import logging
 from etils import epath
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from countclip_jax import checkpoints, sharding, tasks
+from countclip_jax import checkpoints, cli, preflight, sharding, tasks
 from countclip_jax.data import pipeline
 from countclip_jax.metric_writer import MetricWriter
 from countclip_jax.text.tokenizer import Tokenizer
@@ -39,14 +41,35 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
   t = config.train
   if config.model.dtype not in DTYPES:
     raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {config.model.dtype!r}")
-  for name in ("steps", "batch_size", "grad_accum", "log_every"):
-    if t[name] < 1:
-      raise ValueError(f"train.{name} must be >= 1, got {t[name]}")
-  if config.checkpoint.every_steps < 1:
-    raise ValueError(f"checkpoint.every_steps must be >= 1, got {config.checkpoint.every_steps}")
+  ranges = {  # field: (test, the rule); `not (x > 0)` also refuses nan
+      "train.steps": (t.steps >= 1, ">= 1"), "train.batch_size": (t.batch_size >= 1, ">= 1"),
+      "train.grad_accum": (t.grad_accum >= 1, ">= 1"),
+      "train.log_every": (t.log_every >= 1, ">= 1"),
+      "train.lr": (math.isfinite(t.lr) and t.lr > 0, "a finite number > 0"),
+      "train.warmup_steps": (t.warmup_steps >= 0, ">= 0"),
+      "train.end_lr_fraction": (0 <= t.end_lr_fraction <= 1, "in [0, 1]"),
+      "train.weight_decay": (math.isfinite(t.weight_decay) and t.weight_decay >= 0, ">= 0"),
+      "train.b1": (0 <= t.b1 < 1, "in [0, 1)"), "train.b2": (0 <= t.b2 < 1, "in [0, 1)"),
+      "train.eps": (math.isfinite(t.eps) and t.eps > 0, "a finite number > 0"),
+      "train.grad_clip": (math.isfinite(t.grad_clip) and t.grad_clip >= 0, ">= 0 (0: off)"),
+      "train.max_nonfinite": (t.max_nonfinite >= 1, ">= 1"),
+      "checkpoint.every_steps": (config.checkpoint.every_steps >= 1, ">= 1"),
+      "checkpoint.max_to_keep": (config.checkpoint.max_to_keep >= 1, ">= 1"),
+      "eval.every_steps": (config.eval.every_steps >= 0, ">= 0 (0: at the end only)"),
+      "eval.batch_size": (config.eval.batch_size >= 1, ">= 1"),
+      "data.context_length": (config.data.context_length >= 3, ">= 3 (bos, a token, eos)"),
+      "data.num_workers": (config.data.num_workers >= 0, ">= 0"),
+  }
+  for name, (ok, rule) in ranges.items():
+    if not ok:
+      section, field = name.split(".")
+      raise ValueError(f"{name} must be {rule}, got {config[section][field]!r}")
   sharding.mesh_shape(config.mesh, num_devices)
   if t.freeze:
-    re.compile(t.freeze)
+    try:
+      re.compile(t.freeze)
+    except re.error as e:
+      raise ValueError(f"train.freeze {t.freeze!r} is not a regular expression: {e}") from e
   tasks.get(config.task).validate(config, num_devices)
 
 
@@ -160,9 +183,12 @@ def make_train_step(task: tasks.Task, model, tx, schedule, config, mesh,
       (grads, metrics), _ = jax.lax.scan(body, zeros, micro)
       grads, metrics = jax.tree_util.tree_map(lambda x: x / accum, (grads, metrics))
     grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = task.constrain(optax.apply_updates(state.params, updates))
+    # The step is kept only if everything it makes is finite, the new params included (a
+    # finite gradient can still make a non-finite update), so no checkpoint holds a nan.
+    finite = (jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+              & _all_finite(params) & _all_finite(opt_state))
     keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)
     new_state = TrainState(
         step=state.step + 1, params=keep(params, state.params),
@@ -176,6 +202,12 @@ def make_train_step(task: tasks.Task, model, tx, schedule, config, mesh,
   return jax.jit(step, in_shardings=(shardings, task.batch_shardings(mesh)),
                  out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=(0,),
                  compiler_options=_compiler_options(mesh))
+
+
+def _all_finite(tree) -> jax.Array:
+  leaves = [jnp.isfinite(x).all() for x in jax.tree_util.tree_leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.stack(leaves).all() if leaves else jnp.array(True)
 
 
 def _compiler_options(mesh) -> dict | None:
@@ -204,65 +236,90 @@ def init_state(task: tasks.Task, model, tx, params, rng, mesh,
 
 # ----------------------------------------------------------------------------- the run
 
-def make_tokenizer(config, workdir: epath.Path) -> Tokenizer:
-  """The run's tokenizer, saved in WORKDIR/tokenizer so that resumes, evals and exports use
-  exactly the same one."""
+def load_tokenizer(config, workdir: epath.Path) -> tuple[Tokenizer, str]:
+  """(the run's tokenizer, where it came from), checked; reads only. The workdir's own copy
+  (WORKDIR/tokenizer) wins, so resumes, evals and exports use exactly the same one."""
   from countclip_jax.text.tokenizer import build_tokenizer  # pylint: disable=g-import-not-at-top
-  saved, length = workdir / "tokenizer", config.data.context_length
-  if (saved / "tokenizer.json").exists():
-    return Tokenizer.from_pretrained(str(saved), length)
-  if config.data.tokenizer or config.model.init:
-    tokenizer = Tokenizer.from_pretrained(config.data.tokenizer or config.model.init, length)
-  elif config.data.source == "synthetic":
+  source, where = preflight.tokenizer_source(config, workdir)
+  if source is None:
     from countclip_jax.data import synthetic  # pylint: disable=g-import-not-at-top
-    tokenizer = build_tokenizer(synthetic.vocabulary(), length)
+    tokenizer = build_tokenizer(synthetic.vocabulary(), config.data.context_length)
   else:
-    raise ValueError("Set data.tokenizer (or model.init): a run from scratch on "
-                     f"data.source={config.data.source!r} has no tokenizer")
-  if jax.process_index() == 0:
-    tokenizer.save(str(saved))
-  return tokenizer
+    tokenizer = Tokenizer.from_pretrained(source, config.data.context_length)
+    where = f"{where} ({source})"
+  preflight.check_tokenizer(tokenizer, where)
+  return tokenizer, where
 
 
-def save_config(config, workdir: epath.Path) -> None:
+def _barrier(name: str) -> None:
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f"countclip_jax:{name}")
+
+
+def prepare_workdir(task: tasks.Task, model, config, workdir: epath.Path, tokenizer,
+                    resume_step: int | None) -> None:
+  """The run's first writes, after every check passed: the record of this start, and (on a
+  fresh workdir) the tokenizer and model files. Process 0 writes; the others wait for it."""
+  _barrier("preflight")  # every process has read what it needs before anything changes
   if jax.process_index() == 0:
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    workdir.mkdir(parents=True, exist_ok=True)
+    preflight.record_start(workdir, config, resume_step)
+    if not (workdir / preflight.TOKENIZER / "tokenizer.json").exists():
+      tokenizer.save(str(workdir / preflight.TOKENIZER))
+    for name, text in task.model_files(model).items():  # export and eval rebuild from these
+      if resume_step is None or not (workdir / name).exists():
+        (workdir / name).write_text(text)
+  _barrier("workdir")
+
+
+def _nonfinite_message(count: int, when: str, manager, workdir) -> str:
+  manager.wait_until_finished()
+  latest = manager.latest_step()
+  kept = (f"the newest checkpoint, step {latest}, holds only finite values" if latest is not None
+          else "no checkpoint was written")
+  return (f"{count} consecutive non-finite steps (loss, gradient or update) {when}: stopping; "
+          f"{kept} ({checkpoints.checkpoint_dir(str(workdir))})")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains (or resumes) to config.train.steps; returns the last logged metrics."""
+  """Trains (or resumes) to config.train.steps; returns the last logged metrics.
 
-  # ---- Setup: fail on a bad config before anything is compiled.
+  Raises cli.UserError, with the workdir untouched, for anything wrong with the config, the
+  init directory, the tokenizer or a resume's compatibility.
+  """
+
+  # ---- Preflight: everything that can be checked is, before the first write.
   sharding.initialize_distributed()
-  validate(config)
-  task = tasks.get(config.task)
   workdir = epath.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  save_config(config, workdir)
+  with cli.user_errors(ValueError, FileNotFoundError, NotADirectoryError):
+    validate(config)
+    task = tasks.get(config.task)
+    preflight.check_init(config.model.init)
+    resume_step = checkpoints.latest_step(str(workdir))
+    if resume_step is not None:  # a resume: the checkpoint holds the weights
+      preflight.check_resume(workdir, config, preflight.RESUME_FIELDS + task.resume_fields)
+    tokenizer, tokenizer_source = load_tokenizer(config, workdir)
+    if resume_step is not None:
+      model, pretrained = task.model_from_workdir(config, str(workdir)), None
+    else:
+      model, pretrained = task.build_model(config, tokenizer)
+    preflight.check_text_fits(tokenizer, task.text_config(model), tokenizer_source)
+    shapes = param_shapes(task, model)
+    tx, schedule = make_optimizer(config, shapes)
+  logging.info("Config:\n%s", config)
+  prepare_workdir(task, model, config, workdir, tokenizer, resume_step)
   primary = jax.process_index() == 0
 
   # ---- Mesh.
   mesh = sharding.make_mesh(config.mesh)
   logging.info("Mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size,
                jax.process_count())
-
-  # ---- Tokenizer and model (the pretrained weights are read only for a fresh start).
-  tokenizer = make_tokenizer(config, workdir)
   manager = checkpoints.create_manager(str(workdir), config.checkpoint.every_steps,
                                        config.checkpoint.max_to_keep,
                                        config.checkpoint.async_save)
-  if manager.latest_step() is not None:  # a resume: the checkpoint holds the weights
-    model, pretrained = task.model_from_workdir(config, str(workdir)), None
-  else:
-    model, pretrained = task.build_model(config, tokenizer)
-  if primary:  # what export and eval need to rebuild the model from the checkpoints alone
-    for name, text in task.model_files(model).items():
-      (workdir / name).write_text(text)
 
-  # ---- Optimizer and shardings.
-  shapes = param_shapes(task, model)
+  # ---- Shardings.
   logging.info("Model: %s params", f"{sum(x.size for x in jax.tree_util.tree_leaves(shapes)):,}")
-  tx, schedule = make_optimizer(config, shapes)
   state_shapes, shardings = state_layout(task, model, tx, mesh)
 
   # ---- Checkpoint: resume where a previous run of this workdir stopped, or start. The data
@@ -302,18 +359,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       state, metrics = train_step(state, batch)
       # Read the previous step's counter while this one runs: no stall of the device queue.
       if previous_nonfinite is not None and int(previous_nonfinite) >= t.max_nonfinite:
-        raise FloatingPointError(
-            f"{t.max_nonfinite} consecutive non-finite losses before step {step}; stopping "
-            f"with the last good checkpoint in {checkpoints.checkpoint_dir(str(workdir))}")
+        raise FloatingPointError(_nonfinite_message(t.max_nonfinite, f"before step {step}",
+                                                    manager, workdir))
       previous_nonfinite = metrics["nonfinite_run"]  # (state's own buffer is donated)
+      if step == start + 1:  # examples/s leave out the compilation
+        jax.block_until_ready(metrics)
+        last_time, last_step = time.perf_counter(), step
       if step % t.log_every == 0 or step == t.steps:
         now = time.perf_counter()
         last_logged = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        last_logged["examples_per_sec"] = (step - last_step) * t.batch_size / (now - last_time)
+        if step > last_step:
+          last_logged["examples_per_sec"] = (step - last_step) * t.batch_size / (now - last_time)
+          progress.set_postfix(loss=f"{last_logged['loss']:.3f}",
+                               ex_s=f"{last_logged['examples_per_sec']:.0f}")
         last_time, last_step = now, step
         writer.write(step, last_logged)
-        progress.set_postfix(loss=f"{last_logged['loss']:.3f}",
-                             ex_s=f"{last_logged['examples_per_sec']:.0f}")
       progress.update(1)
       # The interval save; on a pod Orbax also saves here at the step all processes agreed to
       # stop at after a preemption notice.
@@ -326,9 +386,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         break
       if config.eval.every_steps and step % config.eval.every_steps == 0 and step < t.steps:
         evaluate(step)
+        last_time = time.perf_counter()  # nor the evals
     else:
       if int(state.nonfinite) >= t.max_nonfinite:
-        raise FloatingPointError(f"{t.max_nonfinite} consecutive non-finite losses at the end")
+        raise FloatingPointError(_nonfinite_message(t.max_nonfinite, "at the end", manager,
+                                                    workdir))
       if manager.latest_step() != step:
         checkpoints.save(manager, step, state, force=True)
       if config.eval.datasets:

@@ -37,11 +37,12 @@ def fake_batch(config, tokenizer, image_size, seed=0):
                   "text": tokenizer(["a photo of blue circles"] * general)}}
 
 
-def setup(config, tokenizer, mesh_cfg=None, devices=None):
+def setup(config, tokenizer, mesh_cfg=None, devices=None, check=True):
   if mesh_cfg is not None:
     config.mesh.data, config.mesh.fsdp, config.mesh.model = mesh_cfg
   devices = jax.devices() if devices is None else devices
-  trainer.validate(config, len(devices))
+  if check:
+    trainer.validate(config, len(devices))
   mesh = sharding.make_mesh(config.mesh, devices)
   task = contrastive.TASK
   model, _ = task.build_model(config, tokenizer)
@@ -116,6 +117,21 @@ def test_non_finite_loss_skips_the_update(tokenizer):
   assert int(state.nonfinite) == 0 and int(state.skipped) == 2
 
 
+def test_a_non_finite_update_is_skipped_though_loss_and_gradient_are_finite(tokenizer):
+  """lr = nan (validation refuses it; here it is forced) makes every update nan from a finite
+  loss and gradient: the guard must keep the old params and optimizer state."""
+  config = small_config()
+  config.train.lr, config.train.warmup_steps = float("nan"), 0
+  model, state, step, place = setup(config, tokenizer, (1, 1, 1), jax.devices()[:1], check=False)
+  before = jax.device_get((state.params, state.opt_state))
+  state, metrics = step(state, place(fake_batch(config, tokenizer,
+                                                model.config.vision.image_size)))
+  assert np.isfinite(float(metrics["loss"])) and np.isfinite(float(metrics["grad_norm"]))
+  assert float(metrics["skipped"]) == 1.0 and int(state.skipped) == 1
+  jax.tree_util.tree_map(np.testing.assert_array_equal,
+                         jax.device_get((state.params, state.opt_state)), before)
+
+
 def test_gradient_accumulation_averages_micro_batch_gradients(tokenizer):
   config = small_config()
   config.train.grad_accum = 2
@@ -179,6 +195,17 @@ def test_weight_decay_only_on_kernels():
     ("eval.datasets", ("synthetic", "cifar10"), r"eval.datasets: Unknown eval dataset 'cifar10'"),
     ("eval.datasets", ("countbench",), "eval.datasets: The countbench eval needs a source"),
     ("eval.datasets", ("tfds:",), r"eval.datasets: A tfds eval set is 'tfds:NAME\[:SPLIT\]'"),
+    ("train.lr", -1.0, "train.lr must be a finite number > 0, got -1.0"),
+    ("train.lr", float("nan"), "train.lr must be a finite number > 0, got nan"),
+    ("train.lr", float("inf"), "train.lr must be a finite number > 0"),
+    ("train.b2", 1.0, r"train.b2 must be in \[0, 1\)"),
+    ("train.eps", 0.0, "train.eps must be a finite number > 0"),
+    ("train.end_lr_fraction", 2.0, r"train.end_lr_fraction must be in \[0, 1\]"),
+    ("train.weight_decay", -0.1, "train.weight_decay must be >= 0"),
+    ("train.max_nonfinite", 0, "train.max_nonfinite must be >= 1"),
+    ("checkpoint.max_to_keep", 0, "checkpoint.max_to_keep must be >= 1"),
+    ("data.context_length", 2, "data.context_length must be >= 3"),
+    ("train.freeze", "([", "train.freeze '\\(\\[' is not a regular expression"),
 ])
 def test_bad_configs_fail_fast(field, value, message):
   config = tiny.get_config()

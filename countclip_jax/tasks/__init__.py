@@ -19,6 +19,10 @@ TASKS = {"contrastive": "countclip_jax.tasks.contrastive", "density": "countclip
 class Task:
   """The interface the loop calls. Each method is small; see tasks/contrastive.py."""
 
+  # Config fields a resume may not change (beyond preflight.RESUME_FIELDS): they define the
+  # shapes or the meaning of what the checkpoints hold.
+  resume_fields: tuple[str, ...] = ()
+
   def validate(self, config, num_devices: int) -> None:
     """Checks the task's config fields; raises ValueError naming the field."""
 
@@ -35,6 +39,10 @@ class Task:
 
   def logical_axes(self, model) -> Any:
     """The logical axis names of every param (a tree of PartitionSpec)."""
+    raise NotImplementedError
+
+  def text_config(self, model) -> Any:
+    """The model's text tower config (models.clip.TextConfig): what the tokenizer must fit."""
     raise NotImplementedError
 
   def model_files(self, model) -> dict[str, str]:

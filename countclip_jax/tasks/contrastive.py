@@ -56,12 +56,7 @@ class Contrastive(tasks.Task):
     id, context length) for a run from scratch."""
     dtype = tasks.DTYPES[config.model.dtype]
     if config.model.init:
-      model, params = models.load_pretrained(config.model.init, dtype=dtype,
-                                             remat=config.model.remat)
-      if tokenizer.context_length > model.config.text.context_length:
-        raise ValueError(f"data.context_length {tokenizer.context_length} exceeds the model's "
-                         f"{model.config.text.context_length}")
-      return model, params
+      return models.load_pretrained(config.model.init, dtype=dtype, remat=config.model.remat)
     arch = models.ARCHITECTURES[config.model.arch]
     text = dataclasses.replace(arch.text, vocab_size=tokenizer.vocab_size,
                                eos_token_id=tokenizer.eos_token_id,
@@ -79,6 +74,9 @@ class Contrastive(tasks.Task):
 
   def logical_axes(self, model):
     return models.logical_axes(model)
+
+  def text_config(self, model):
+    return model.config.text
 
   def model_files(self, model):
     return {checkpoints.MODEL_CONFIG: hf.config_to_hf(model.config).to_json_string()}

@@ -45,6 +45,9 @@ def load_backbone(init: str):
 
 class Density(tasks.Task):
 
+  resume_fields = ("density.model", "density.pooling", "density.cross_attention",
+                   "density.crop_size", "density.scale", "density.synthetic.image_size")
+
   def validate(self, config, num_devices: int) -> None:
     d = config.density
     if d.model not in density_model.PRESETS:
@@ -108,6 +111,9 @@ class Density(tasks.Task):
 
   def logical_axes(self, model):
     return density_model.logical_axes(model)
+
+  def text_config(self, model):
+    return model.clip_config.text
 
   def model_files(self, model):
     return {checkpoints.MODEL_CONFIG: hf.config_to_hf(model.clip_config).to_json_string(),

@@ -38,14 +38,21 @@ class Tokenizer:
     self.context_length = context_length
 
   @classmethod
-  def from_pretrained(cls, name_or_path: str, context_length: int = 77) -> "Tokenizer":
-    """Loads from a hub id, a local directory or a gs:// directory (copied to a temp dir)."""
+  def from_pretrained(cls, name_or_path: str, context_length: int | None = None) -> "Tokenizer":
+    """Loads from a hub id, a local directory or a gs:// directory (copied to a temp dir).
+
+    `context_length` defaults to the tokenizer's `model_max_length` (tokenizer_config.json: 77
+    for OpenAI's, the model's for our exports), or 77 where that is unset.
+    """
     path = str(name_or_path)
     if path.startswith("gs://"):
       path = _copy_to_local(path, TOKENIZER_FILES)
     elif os.path.exists(path) and not os.path.isdir(path):
       raise ValueError(f"Tokenizer path {path} is a file; pass the directory that holds it.")
-    return cls(transformers.CLIPTokenizerFast.from_pretrained(path), context_length)
+    hf = transformers.CLIPTokenizerFast.from_pretrained(path)
+    if context_length is None:  # transformers' "unset" is int(1e30)
+      context_length = hf.model_max_length if hf.model_max_length < 1_000_000 else 77
+    return cls(hf, context_length)
 
   @property
   def eos_token_id(self) -> int:
@@ -75,13 +82,25 @@ class Tokenizer:
     return self.hf(text, add_special_tokens=False)["input_ids"]
 
   def save(self, out_dir: str) -> None:
-    """Writes the tokenizer files in Hugging Face format to a local or gs:// directory."""
+    """Writes the tokenizer files in Hugging Face format to a local or gs:// directory.
+
+    Readers look for tokenizer.json, so it is written last, and no file is ever seen half
+    written: local files are renamed into place, and a GCS object appears whole or not at all.
+    """
     out = epath.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    local = "://" not in str(out_dir)
     with tempfile.TemporaryDirectory() as tmp:
       self.hf.save_pretrained(tmp)
-      for name in os.listdir(tmp):
-        (out / name).write_bytes(open(os.path.join(tmp, name), "rb").read())
+      for name in sorted(os.listdir(tmp), key=lambda n: n == "tokenizer.json"):
+        with open(os.path.join(tmp, name), "rb") as f:
+          data = f.read()
+        if local:
+          partial = out / f".{name}.partial"
+          partial.write_bytes(data)
+          os.replace(partial, out / name)
+        else:
+          (out / name).write_bytes(data)
 
 
 def _copy_to_local(remote_dir: str, names: Iterable[str]) -> str:
