@@ -17,6 +17,7 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
+from jax.experimental import multihost_utils
 
 
 # Beside the checkpoints in the workdir: the model's architecture (HF CLIPConfig JSON), so that
@@ -39,6 +40,14 @@ def create_manager(workdir: str, every_steps: int, max_to_keep: int,
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
 
 
+def latest_step(workdir: str) -> int | None:
+  """The newest checkpoint's step, or None; creates nothing (a preflight check reads it)."""
+  directory = checkpoint_dir(workdir)
+  if not directory.exists():
+    return None
+  return max(ocp.utils.checkpoint_steps(directory), default=None)  # finalized steps only
+
+
 def save(manager: ocp.CheckpointManager, step: int, state, force: bool = False) -> bool:
   """Saves when the interval (or a preemption sync point) says so, or `force`; returns whether
   a save was started."""
@@ -46,21 +55,93 @@ def save(manager: ocp.CheckpointManager, step: int, state, force: bool = False) 
                       force=force)
 
 
+class RestoreError(RuntimeError):
+  """No checkpoint of the workdir restores: a failed run, reported in one line."""
+
+
 def restore_or_none(manager: ocp.CheckpointManager, abstract_state):
-  """(step, state) from the newest checkpoint, or None.
+  """(step, state) from the newest checkpoint that restores, or None when there is none.
 
   `abstract_state` is a tree of jax.ShapeDtypeStruct with shardings: the arrays come back
   sharded as the training step expects, whatever mesh or process count wrote them. Only the
   state is read: checkpoints of older versions also hold a per-process "data" item, which the
   step now determines.
+
+  A checkpoint that fails to restore (truncated or missing files, broken metadata) is logged
+  and the previous one tried. Only once an older one restores are the newer ones moved aside
+  to WORKDIR/corrupt_checkpoints (never deleted): when none restores, the cause is more likely
+  the config (another model or optimizer) than the files, so nothing is moved and this raises
+  RestoreError.
   """
-  step = manager.latest_step()
-  if step is None:
-    return None
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract_state)))
-  logging.info("Restored checkpoint %d from %s", step, manager.directory)
-  return step, restored["state"]
+  failed = []  # (step, reason), newest first
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      restored = manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state)))
+    except Exception as e:  # pylint: disable=broad-exception-caught
+      # Orbax raises ValueError, KeyError, JSONDecodeError or a bare Exception for these.
+      failed.append((step, _reason(e)))
+      logging.warning("Checkpoint %d in %s does not restore: %s", step, manager.directory,
+                      failed[-1][1])
+      logging.debug("Checkpoint %d's full error:", step, exc_info=True)
+      continue
+    if jax.process_count() > 1:
+      # The barrier's name is the outcome, and differing names raise on every process: those
+      # that restored other steps (a file only some of them read is broken) must not train on.
+      try:
+        multihost_utils.sync_global_devices(
+            f"countclip restored {step} after {[s for s, _ in failed]}")
+      except AssertionError:
+        raise RestoreError(
+            f"Process {jax.process_index()} restored checkpoint {step} from {manager.directory} "
+            f"(after failing {[s for s, _ in failed]}) and another process did not: files that "
+            "only some processes read are broken (the warnings name the step); move that step "
+            "out of the directory and resume.") from None
+    if failed:
+      _set_aside(manager, failed, step)
+    logging.info("Restored checkpoint %d from %s", step, manager.directory)
+    return step, restored["state"]
+  if failed:  # `from None`: Orbax's exceptions can hold a whole tree's TensorStore specs
+    raise RestoreError(
+        f"No checkpoint in {manager.directory} restores (tried steps {[s for s, _ in failed]}; "
+        f"step {failed[0][0]}: {failed[0][1]}). Nothing was moved: if the model or optimizer "
+        "config changed, resume with the one that wrote them or use another workdir; "
+        "--verbosity=1 logs the full errors.") from None
+  return None
+
+
+def _reason(error: BaseException, limit: int = 200) -> str:
+  """One line: the first of the innermost cause's message (Orbax wraps TensorStore's errors
+  in one that names the array index and dumps its spec)."""
+  while error.__cause__ is not None:
+    error = error.__cause__
+  lines = str(error).strip().splitlines()
+  reason = f"{type(error).__name__}: {lines[0] if lines else ''}"
+  return reason if len(reason) <= limit else reason[:limit - 3] + "..."
+
+
+def _set_aside(manager: ocp.CheckpointManager, failed, restored: int) -> None:
+  """Moves the checkpoints that failed to WORKDIR/corrupt_checkpoints, each with a note of why:
+  out of Orbax's sight, and a later save of the same step does not collide with them. No
+  process reads them any more: all restored `restored`, and Orbax's restore ends in a barrier."""
+  if jax.process_index() == 0:
+    aside = manager.directory.parent / "corrupt_checkpoints"
+    aside.mkdir(parents=True, exist_ok=True)
+    for step, reason in failed:
+      destination, n = aside / str(step), 0
+      while destination.exists():  # a step set aside before, by an earlier resume
+        n += 1
+        destination = aside / f"{step}.{n}"
+      # Written first, the note also makes the folder exist on GCS, where rename needs it.
+      (aside / f"{destination.name}.txt").write_text(
+          f"Checkpoint {step} did not restore, so the run resumed from {restored}: {reason}\n")
+      # The step directory's name is the step: create_manager sets no step prefix or format.
+      (manager.directory / str(step)).rename(destination)
+      logging.warning("Checkpoint %d moved aside to %s; resuming from checkpoint %d", step,
+                      destination, restored)
+  if jax.process_count() > 1:  # every process lists the steps after the move
+    multihost_utils.sync_global_devices("countclip checkpoints set aside")
+  manager.reload()
 
 
 def restore_params(workdir: str, step: int | None = None, shardings=None):

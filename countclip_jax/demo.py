@@ -25,10 +25,10 @@ import subprocess
 import sys
 import time
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 from configs import demo as demo_config
-from countclip_jax import export
+from countclip_jax import cli, export
 from countclip_jax.metric_writer import read_metrics
 
 FLAGS = flags.FLAGS
@@ -180,4 +180,4 @@ if __name__ == "__main__":
   flags.DEFINE_string("workdir", "runs/demo", "Where the three runs and the report go.")
   flags.DEFINE_bool("fresh", False, "Retrain stage A even if a finished one is cached.")
   flags.DEFINE_bool("smoke", False, "A few steps of each stage (for tests; numbers mean nothing).")
-  app.run(main)
+  cli.run(main)

@@ -9,7 +9,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from countclip_jax import cli, trainer
+from countclip_jax import checkpoints, cli, trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).",
                                           lock_config=True)
@@ -22,7 +22,7 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   try:
     trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except FloatingPointError as e:  # the non-finite guard: a failed run, not a user mistake
+  except (FloatingPointError, checkpoints.RestoreError) as e:  # a failed run, not a mistake
     print(f"error: {cli.one_line(e)}", file=sys.stderr)
     return 1
 
