@@ -151,6 +151,8 @@ def restore_params(workdir: str, step: int | None = None, shardings=None):
   shardings: None for host numpy arrays, or a tree like the params of jax.sharding.Shardings
   to get global arrays placed shard by shard (each host reads only its shards).
   """
+  if not checkpoint_dir(workdir).is_dir():  # (a manager would create it)
+    raise FileNotFoundError(f"No checkpoint in {checkpoint_dir(workdir)}")
   # With the handler named, item_metadata describes the arrays (else it is None).
   manager = ocp.CheckpointManager(checkpoint_dir(workdir),
                                   item_handlers={"state": ocp.PyTreeCheckpointHandler()})

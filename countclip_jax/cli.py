@@ -49,7 +49,7 @@ def user_errors(*kinds: type[BaseException]):
     raise UserError(one_line(e)) from e
 
 
-def _config_key_error(error: BaseException, argv: list[str]) -> str | None:
+def config_key_error(error: BaseException, argv: list[str]) -> str | None:
   """An unknown key in a `--config.a.b=...` override, named with the closest valid one."""
   while error.args and isinstance(error.args[0], BaseException):  # AttributeError(KeyError)
     error = error.args[0]
@@ -78,7 +78,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
   except flags.Error as e:
     fail(e)
   except (KeyError, AttributeError) as e:  # ml_collections on an unknown override key
-    message = _config_key_error(e, argv)
+    message = config_key_error(e, argv)
     if message is None:
       raise
     fail(message)

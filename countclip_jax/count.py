@@ -19,6 +19,8 @@ import numpy as np
 from absl import app, flags, logging
 from etils import epath
 
+from countclip_jax import cli
+
 FLAGS = flags.FLAGS
 
 
@@ -73,11 +75,7 @@ def main(argv):
     raise app.UsageError("give one or more image files after the flags")
   if not FLAGS.prompt.strip():
     raise app.UsageError("--prompt is empty: name what to count, e.g. --prompt=apples")
-  try:
-    model, params, tokenizer, config = load_density_run(FLAGS.workdir, FLAGS.step)
-  except FileNotFoundError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  model, params, tokenizer, config = load_density_run(FLAGS.workdir, FLAGS.step)
   from countclip_jax.data import images  # pylint: disable=g-import-not-at-top
   os.makedirs(FLAGS.out, exist_ok=True)
   skipped = 0
@@ -106,4 +104,5 @@ if __name__ == "__main__":
   flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
   flags.mark_flags_as_required(["workdir", "prompt"])
   logging.set_verbosity(logging.WARNING)
-  app.run(main)
+  # A missing workdir or checkpoint is the user's to fix; an unreadable image is skipped (above).
+  cli.run(main, user_error_kinds=(FileNotFoundError,))

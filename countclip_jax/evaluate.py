@@ -13,14 +13,18 @@ Retention: zero-shot classification with CLIP's prompt ensemble, on the syntheti
 and shapes or on a prepared tfds classification set (`tfds:NAME[:SPLIT]`, data/classification.py);
 image-text retrieval recall@k and count retrieval on the synthetic world; count retrieval
 ("three dogs": do the top-k images show three?) on CountBench.
-Results go to OUT/eval/<data>[_step<N>].json (+ PNGs); training's periodic evals call the same
-functions.
+Results go to OUT/eval/<data>[_step<N>].json (+ PNGs), and the command prints that directory.
+OUT is --out, else the workdir, else (--hf) runs/eval/<the --hf name>, e.g.
+runs/eval/openai_clip-vit-base-patch32: under the current directory, one per model. Training's
+periodic evals call the same functions.
 """
 from __future__ import annotations
 
 import functools
 import json
+import os
 import re
+import sys
 from typing import Iterable, Sequence
 
 import jax
@@ -32,6 +36,7 @@ from absl import app, flags, logging
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from countclip_jax import cli
 from countclip_jax.data import classification
 from countclip_jax.models.clip import CLIP, normalize
 from countclip_jax.text import numbers
@@ -367,11 +372,11 @@ def check_datasets(datasets: Sequence[str], countbench_source: str = "") -> None
     if name.startswith(classification.PREFIX):
       classification.parse_spec(name)
     elif name == "countbench" and not countbench_source:
-      raise ValueError("The countbench eval needs a source: eval.countbench_dir / "
-                       "--countbench (python -m countclip_jax.data.countbench --out DIR)")
+      raise cli.UserError("The countbench eval needs a source: eval.countbench_dir / "
+                          "--countbench (python -m countclip_jax.data.countbench --out DIR)")
     elif name not in ("synthetic", "countbench"):
-      raise ValueError(f"Unknown eval dataset {name!r}: synthetic | countbench | "
-                       "tfds:NAME[:SPLIT]")
+      raise cli.UserError(f"Unknown eval dataset {name!r}: synthetic | countbench | "
+                          "tfds:NAME[:SPLIT]")
 
 
 def run(embedder: Embedder, datasets: Sequence[str], out_dir: str, *, tag: str = "",
@@ -433,10 +438,19 @@ def evaluate_during_training(config, model, params, tokenizer, workdir, step) ->
 
 # ----------------------------------------------------------------------------- CLI
 
+def default_out(hf: str) -> str:
+  """Where an --hf eval goes without --out: one directory per model under ./runs/eval, so that
+  evaluating another model never overwrites the first one's results."""
+  return f"runs/eval/{file_name(hf).strip('._') or 'model'}"
+
+
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if bool(FLAGS.workdir) == bool(FLAGS.hf):
     raise app.UsageError("Pass exactly one of --workdir or --hf")
+  with cli.user_errors(ValueError):  # a bad --data spec fails before any model loads
+    check_datasets(FLAGS.data, FLAGS.countbench)
   if FLAGS.workdir:
     from countclip_jax.export import load_run  # pylint: disable=g-import-not-at-top
     model, params, tokenizer = load_run(FLAGS.workdir, FLAGS.step)
@@ -444,12 +458,14 @@ def main(argv):
     from countclip_jax.models import load_pretrained  # pylint: disable=g-import-not-at-top
     model, params = load_pretrained(FLAGS.hf)
     tokenizer = Tokenizer.from_pretrained(FLAGS.hf, model.config.text.context_length)
-  out = FLAGS.out or FLAGS.workdir or "runs/eval"
+  out = FLAGS.out or FLAGS.workdir or default_out(FLAGS.hf)
   results = run(Embedder(model, params, tokenizer, FLAGS.batch_size), FLAGS.data, out,
                 tag=f"_step{FLAGS.step}" if FLAGS.step is not None else "",
                 synthetic_size=FLAGS.synthetic_size, countbench_source=FLAGS.countbench,
                 tfds_data_dir=FLAGS.tfds_data_dir, class_names=FLAGS.class_names)
   print(json.dumps(scalars(results), indent=1))
+  where = out if "://" in out else os.path.abspath(out)
+  print(f"Wrote {where}/eval/", file=sys.stderr)  # stderr: stdout stays the JSON alone
 
 
 if __name__ == "__main__":
@@ -462,7 +478,9 @@ if __name__ == "__main__":
   flags.DEFINE_string("tfds_data_dir", "", "tfds data dir of the tfds: sets (default: tfds's).")
   flags.DEFINE_string("class_names", "", "File of class names, one per line, for tfds sets "
                       "whose labels are ids (imagenet2012).")
-  flags.DEFINE_string("out", None, "Where eval/ goes (default: the workdir, or ./runs/eval).")
+  flags.DEFINE_string("out", None, "Where eval/ goes (default: the workdir, or for --hf "
+                      "./runs/eval/<the --hf name, / as _>).")
   flags.DEFINE_integer("synthetic_size", 900, "Held-out synthetic images.")
   flags.DEFINE_integer("batch_size", 64, "Eval batch size.")
-  app.run(main)
+  # A missing workdir, checkpoint, --hf directory or --countbench source is the user's to fix.
+  cli.run(main, user_error_kinds=(FileNotFoundError,))

@@ -23,13 +23,14 @@ from __future__ import annotations
 import functools
 import json
 import os
-import sys
 from typing import TYPE_CHECKING, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
+
+from countclip_jax import cli
 
 if TYPE_CHECKING:  # models imports transformers: the CLI reports a bad image before that
   from countclip_jax.models import CLIP
@@ -42,8 +43,9 @@ FLAGS = flags.FLAGS
 def check_start_layer(start_layer: int, depth: int, tower: str) -> int:
   """`start_layer` as an index into a tower of `depth` layers (negative counts from the end)."""
   if not -depth <= start_layer < depth:
-    raise ValueError(f"start_layer={start_layer} is out of range for the {tower} tower's {depth} "
-                     f"layers: pass {-depth}..{depth - 1} (-1: the last layer only, 0: all).")
+    raise cli.UserError(f"start_layer={start_layer} is out of range for the {tower} tower's "
+                        f"{depth} layers: pass {-depth}..{depth - 1} (-1: the last layer only, "
+                        "0: all).")
   return start_layer % depth
 
 
@@ -336,39 +338,36 @@ def heldout_world(path: str, image_size: int, size: int):
 
 def main(argv):
   del argv
-  try:
-    if FLAGS.compare:
-      if not FLAGS.figure:
-        raise app.UsageError("--compare needs --figure=OUT.png")
-      runs = [(os.path.basename(os.path.normpath(p)), *load(p)) for p in FLAGS.compare]
-      world = heldout_world(FLAGS.compare[0], runs[0][1].config.vision.image_size,
-                            FLAGS.figure_examples)
-      compare_figure(runs, world, range(FLAGS.figure_examples), FLAGS.figure, FLAGS.start_layer)
-      print(f"Wrote {FLAGS.figure}")
-      return
-    if bool(FLAGS.workdir) == bool(FLAGS.hf):
-      raise app.UsageError("Pass exactly one of --workdir or --hf (or --compare)")
-    path = FLAGS.workdir or FLAGS.hf
-    if FLAGS.synthetic_shares:
-      model, params, tokenizer = load(path, FLAGS.step, hf=bool(FLAGS.hf))
-      world = heldout_world(path, model.config.vision.image_size, FLAGS.synthetic_shares)
-      print(json.dumps(synthetic_shares(model, params, tokenizer, world,
-                                        range(FLAGS.synthetic_shares), FLAGS.start_layer),
-                       indent=1))
-      return
-    if not FLAGS.image or FLAGS.text is None:
-      raise app.UsageError("Pass --image and --text (or --synthetic_shares, or --compare)")
-    from countclip_jax.data import images  # pylint: disable=g-import-not-at-top
+  if FLAGS.compare:
+    if not FLAGS.figure:
+      raise app.UsageError("--compare needs --figure=OUT.png")
+    runs = [(os.path.basename(os.path.normpath(p)), *load(p)) for p in FLAGS.compare]
+    world = heldout_world(FLAGS.compare[0], runs[0][1].config.vision.image_size,
+                          FLAGS.figure_examples)
+    compare_figure(runs, world, range(FLAGS.figure_examples), FLAGS.figure, FLAGS.start_layer)
+    print(f"Wrote {FLAGS.figure}")
+    return
+  if bool(FLAGS.workdir) == bool(FLAGS.hf):
+    raise app.UsageError("Pass exactly one of --workdir or --hf (or --compare)")
+  path = FLAGS.workdir or FLAGS.hf
+  if FLAGS.synthetic_shares:
+    model, params, tokenizer = load(path, FLAGS.step, hf=bool(FLAGS.hf))
+    world = heldout_world(path, model.config.vision.image_size, FLAGS.synthetic_shares)
+    print(json.dumps(synthetic_shares(model, params, tokenizer, world,
+                                      range(FLAGS.synthetic_shares), FLAGS.start_layer),
+                     indent=1))
+    return
+  if not FLAGS.image or FLAGS.text is None:
+    raise app.UsageError("Pass --image and --text (or --synthetic_shares, or --compare)")
+  from countclip_jax.data import images  # pylint: disable=g-import-not-at-top
+  with cli.user_errors(OSError, images.BadImageError):  # a bad image fails before the model loads
     with open(FLAGS.image, "rb") as f:
       image_bytes = f.read()
-    images.decode(image_bytes)  # a bad image fails before the model loads
-    model, params, tokenizer = load(path, FLAGS.step, hf=bool(FLAGS.hf))
-    save_explanation(model, params, tokenizer, image_bytes, FLAGS.text, FLAGS.out,
-                     FLAGS.start_layer)
-    print(f"Wrote {FLAGS.out}")
-  except (ValueError, OSError) as e:  # bad images, paths, start layers: one line, no traceback
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    images.decode(image_bytes)
+  model, params, tokenizer = load(path, FLAGS.step, hf=bool(FLAGS.hf))
+  save_explanation(model, params, tokenizer, image_bytes, FLAGS.text, FLAGS.out,
+                   FLAGS.start_layer)
+  print(f"Wrote {FLAGS.out}")
 
 
 if __name__ == "__main__":
@@ -384,4 +383,6 @@ if __name__ == "__main__":
   flags.DEFINE_list("compare", [], "Runs (workdirs or HF dirs) side by side in --figure.")
   flags.DEFINE_string("figure", None, "PNG of --figure_examples synthetic scenes' maps.")
   flags.DEFINE_integer("figure_examples", 4, "Scenes in the --compare figure.")
-  app.run(main)
+  # A missing workdir, checkpoint or HF directory is the user's to fix (start layers and images
+  # are checked where they are read, as cli.UserError).
+  cli.run(main, user_error_kinds=(FileNotFoundError,))

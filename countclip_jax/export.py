@@ -10,24 +10,26 @@ the run's config and eval numbers; `transformers.CLIPModel.from_pretrained` read
 writes the text tower alone as a diffusion pipeline's DIR/text_encoder (`CLIPTextModel`) and
 DIR/tokenizer, plus the card. `--for_sd1` targets Stable Diffusion 1.x, which cross-attends at
 768 (OpenAI's L/14 text tower): any other width is refused (exit 2) before anything is written.
+
+A non-empty --out is refused (exit 2, nothing written) unless `--overwrite` is given: files of an
+earlier export that this one does not write would be left beside it. With `--overwrite`, files
+of the same names are replaced and the others left as they are.
 """
 from __future__ import annotations
 
 import json
-import sys
 
 from absl import app, flags, logging
-
-FLAGS = flags.FLAGS
 from etils import epath
 
-from countclip_jax import checkpoints
+from countclip_jax import checkpoints, cli
 from countclip_jax.models import CLIP, WidthError, export_hf, export_text_encoder, hf
 from countclip_jax.text.tokenizer import Tokenizer
 
 # The width of the prompt states Stable Diffusion 1.x's UNet cross-attends to: it was trained
 # on OpenAI's L/14 text tower.
 SD1_CROSS_ATTENTION_DIM = 768
+FLAGS = flags.FLAGS
 
 
 def load_model(workdir: str) -> CLIP:
@@ -67,11 +69,27 @@ def model_card(workdir: str, step: int | None) -> str:
   return "\n".join(lines)
 
 
+def check_out(out: str, overwrite: bool = False) -> None:
+  """Refuses an `out` that is a file, or a directory with anything in it unless `overwrite`:
+  an earlier export's files that this one does not write would be left beside it."""
+  root = epath.Path(out)
+  if root.is_file():
+    raise cli.UserError(f"--out={out} is a file: give a directory. Nothing was written.")
+  if not overwrite and root.is_dir() and next(iter(root.iterdir()), None) is not None:
+    raise cli.UserError(f"--out={out} is not empty: give a new or empty directory, or pass "
+                        "--overwrite to write into it. Nothing was written.")
+
+
 def export(workdir: str, out: str, step: int | None = None, *, text_encoder: bool = False,
-           for_sd1: bool = False) -> None:
-  """The full CLIPModel, or (`text_encoder`) the text tower for a diffusion pipeline."""
+           for_sd1: bool = False, overwrite: bool = False) -> None:
+  """The full CLIPModel, or (`text_encoder`) the text tower for a diffusion pipeline.
+
+  Refused before anything is read or written: a non-empty `out` (unless `overwrite`), and with
+  `for_sd1` a text tower of another width.
+  """
   if for_sd1 and not text_encoder:
     raise ValueError("for_sd1 applies to the text encoder export (text_encoder=True)")
+  check_out(out, overwrite)
   require_width = SD1_CROSS_ATTENTION_DIM if for_sd1 else None
   if require_width is not None:  # checked on the config, before the checkpoint is read
     width = load_model(workdir).config.text.width
@@ -94,12 +112,8 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if FLAGS.for_sd1 and not FLAGS.text_encoder:
     raise app.UsageError("--for_sd1 applies to --text_encoder exports")
-  try:
-    export(FLAGS.workdir, FLAGS.out, FLAGS.step, text_encoder=FLAGS.text_encoder,
-           for_sd1=FLAGS.for_sd1)
-  except WidthError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  export(FLAGS.workdir, FLAGS.out, FLAGS.step, text_encoder=FLAGS.text_encoder,
+         for_sd1=FLAGS.for_sd1, overwrite=FLAGS.overwrite)
   what = " (text_encoder/, tokenizer/)" if FLAGS.text_encoder else ""
   print(f"Exported {FLAGS.workdir} -> {FLAGS.out}{what}")
 
@@ -112,5 +126,8 @@ if __name__ == "__main__":
                     "pipeline's text_encoder/ and tokenizer/ subfolders.")
   flags.DEFINE_bool("for_sd1", False, "With --text_encoder: target Stable Diffusion 1.x, "
                     f"refusing a text tower not {SD1_CROSS_ATTENTION_DIM} wide.")
+  flags.DEFINE_bool("overwrite", False, "Write into a non-empty --out (files of the same names "
+                    "are replaced, others left).")
   flags.mark_flags_as_required(["workdir", "out"])
-  app.run(main)
+  # A missing workdir or checkpoint, or a width SD 1.x cannot take, is the user's to fix.
+  cli.run(main, user_error_kinds=(FileNotFoundError, WidthError))

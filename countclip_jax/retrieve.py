@@ -33,19 +33,17 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 import tqdm
-from absl import app, flags, logging
+from absl import flags, logging
 from PIL import Image, ImageDraw, ImageFont
 
+from countclip_jax import cli
+from countclip_jax.cli import UserError
 from countclip_jax.data import images
 
 FLAGS = flags.FLAGS
 CACHE_DIR = ".countclip_embeddings"
 FORMAT = 1  # of the cache files; part of KEY, so a new layout never misreads an old one
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-
-
-class UserError(Exception):
-  """A command line that cannot work: printed as `error: ...`, exit status 2, no traceback."""
 
 
 # ----------------------------------------------------------------------------- files
@@ -352,15 +350,11 @@ def retrieve(*, workdir: str, step: int | None, hf: str, pattern: str, queries: 
 def main(argv):
   if not FLAGS["verbosity"].present:  # stderr is for progress and notes, not jax's INFO lines
     logging.set_verbosity(logging.WARNING)
-  try:
-    if len(argv) > 1:
-      raise UserError(f"unexpected arguments {argv[1:]} (quote a query of several words)")
-    retrieve(workdir=FLAGS.workdir, step=FLAGS.step, hf=FLAGS.hf, pattern=FLAGS.images,
-             queries=FLAGS.query or [], top_k=FLAGS.top_k, out=FLAGS.out,
-             batch_size=FLAGS.batch_size)
-  except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  if len(argv) > 1:
+    raise UserError(f"unexpected arguments {argv[1:]} (quote a query of several words)")
+  retrieve(workdir=FLAGS.workdir, step=FLAGS.step, hf=FLAGS.hf, pattern=FLAGS.images,
+           queries=FLAGS.query or [], top_k=FLAGS.top_k, out=FLAGS.out,
+           batch_size=FLAGS.batch_size)
   return 0
 
 
@@ -374,6 +368,4 @@ if __name__ == "__main__":
   flags.DEFINE_integer("top_k", 8, "Hits per query.")
   flags.DEFINE_string("out", "search.png", "Contact sheet PNG ('' for none).")
   flags.DEFINE_integer("batch_size", 64, "Images per embedding batch.")
-  if {"-h", "-?", "--help", "--helpshort"} & set(sys.argv[1:]):  # absl's own help exits 1
-    app.usage(shorthelp=True, writeto_stdout=True, exitcode=0)
-  app.run(main)
+  cli.run(main)  # retrieve() raises UserError for every mistake it checks

@@ -10,8 +10,12 @@ r"""countclip-jax on a Cloud TPU VM slice: create, set up, run on every worker, 
 
 Every command is a short list of `gcloud compute tpus ...` calls (and `git archive` for setup),
 run one after the other; the first failure stops the rest. `--dry-run` prints them, one per
-line and shell-quoted, and runs nothing. Standard library only: the launcher needs gcloud and
-git on your machine, not JAX. The walkthrough from an empty GCP project is launch/README.md.
+line and shell-quoted, and runs nothing. A mistake in the command line is one line `error: ...`
+(exit status 2) and runs nothing; `run` also loads the config file and applies its
+`--config.*` overrides here first, as countclip_jax.main will on the workers. Standard library
+only: the launcher needs gcloud and git on your machine, not JAX (the config check needs
+ml_collections, as the repo's venv has; without it, only the config file's existence is
+checked). The walkthrough from an empty GCP project is launch/README.md.
 """
 from __future__ import annotations
 
@@ -42,6 +46,19 @@ CLOUD_PLATFORM = "https://www.googleapis.com/auth/cloud-platform"
 
 class LaunchError(ValueError):
   """Bad input: the message says what to change."""
+
+
+def one_line(message) -> str:
+  return " ".join(str(message).split())
+
+
+class ArgumentParser(argparse.ArgumentParser):
+  """argparse with the commands' contract (countclip_jax.cli.ArgumentParser, which imports
+  absl, hence this copy): `error: ...` on one line, exit status 2."""
+
+  def error(self, message):
+    print(f"error: {one_line(message)} (see {self.prog} --help)", file=sys.stderr)
+    sys.exit(2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,6 +248,52 @@ def setup(args, extra) -> list[list[str]]:
   return commands
 
 
+def _last_line(error: BaseException) -> str:
+  """The gist of an error whose message may hold a traceback (ml_collections puts the config
+  file's in it): its last line."""
+  lines = [line for line in str(error).splitlines() if line.strip()]
+  return one_line(lines[-1] if lines else type(error).__name__)
+
+
+def check_config(config: str, overrides: list[str]) -> None:
+  """Loads the config file and applies the `--config.*` overrides as countclip_jax.main will
+  on the workers, so that a typo fails here and not on every worker after the slice's setup.
+  The path is the repo's: the jobs run in a copy of this checkout."""
+  path = config.split(":", 1)[0]
+  if not os.path.isfile(os.path.join(REPO_ROOT, path)):
+    raise LaunchError(f"--config={config}: there is no file {path} in {REPO_ROOT} (the "
+                      "workers run a copy of this checkout).")
+  try:
+    from absl import flags  # pylint: disable=g-import-not-at-top
+    from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  except ImportError:  # the launcher itself needs only the standard library
+    print("launch.tpu: note: ml_collections is not installed here, so the config's overrides "
+          "are checked on the workers only (pip install ml-collections).", file=sys.stderr)
+    return
+  if REPO_ROOT not in sys.path:  # the presets import configs.common, the errors cli
+    sys.path.insert(0, REPO_ROOT)
+  from countclip_jax import cli  # pylint: disable=g-import-not-at-top
+  argv = ["countclip_jax.main", f"--config={os.path.join(REPO_ROOT, config)}",
+          *[flag for flag in overrides if re.match(r"--(no)?config\.", flag)]]
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, flag_values=values, lock_config=True,
+                                  sys_argv=argv)
+  does_not_load = lambda e: f"--config={config} does not load: {_last_line(e)}"
+  try:
+    values(argv)
+  except flags.Error as e:  # an override's value that does not parse, or the file's own error
+    raise LaunchError(does_not_load(e) if "\n" in str(e) else one_line(e)) from e
+  except (KeyError, AttributeError) as e:  # an unknown key (named with the closest one)
+    unknown = cli.config_key_error(e, argv)
+    raise LaunchError(unknown or does_not_load(e)) from e
+  except Exception as e:  # pylint: disable=broad-except
+    raise LaunchError(does_not_load(e)) from e
+  try:
+    values.config.keys()  # a file that could not be read raises only when the config is used
+  except Exception as e:  # pylint: disable=broad-except
+    raise LaunchError(does_not_load(e)) from e
+
+
 def run(args, overrides) -> list[list[str]]:
   accelerator = parse_accelerator(args.accelerator) if args.accelerator else None
   check_workdir(args.workdir, accelerator)
@@ -244,6 +307,7 @@ def run(args, overrides) -> list[list[str]]:
     if re.match(r"--(config|workdir)(=|$)", flag):
       raise LaunchError(f"{flag!r} after `--`: set the config file and workdir with the "
                         "launcher's own --config and --workdir.")
+  check_config(args.config, overrides)
   for variable in args.env:
     if not ENV.fullmatch(variable):
       raise LaunchError(f"--env {variable!r} is not NAME=VALUE.")
@@ -325,14 +389,14 @@ TAKES_EXTRA = ("run", "exec")
 
 
 def parser() -> argparse.ArgumentParser:
-  common = argparse.ArgumentParser(add_help=False)
+  common = ArgumentParser(add_help=False)
   common.add_argument("name", help="TPU VM name (the queued resource has the same name)")
   common.add_argument("--zone", required=True, help="e.g. us-central2-b")
   common.add_argument("--project", default="", help="default: gcloud's configured project")
   common.add_argument("--dry-run", action="store_true",
                       help="print the commands, one per line, and run nothing")
-  p = argparse.ArgumentParser(prog="python -m launch.tpu", description=__doc__.split("\n")[0],
-                              epilog="Walkthrough: launch/README.md")
+  p = ArgumentParser(prog="python -m launch.tpu", description=__doc__.split("\n")[0],
+                     epilog="Walkthrough: launch/README.md")
   sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
   def add(name, help_):
@@ -417,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
     check_common(args)
     commands = COMMANDS[args.command](args, extra)
   except LaunchError as e:
-    print(f"python -m launch.tpu {args.command}: error: {e}", file=sys.stderr)
+    print(f"error: {one_line(e)}", file=sys.stderr)
     return 2
   if args.dry_run:
     print("\n".join(shlex.join(argv) for argv in commands))

@@ -123,3 +123,25 @@ def tfds_colours_dir(tmp_path_factory):
   data_dir = tmp_path_factory.mktemp("tfds")
   TinyColours(data_dir=str(data_dir), file_format="array_record").download_and_prepare()
   return str(data_dir), [label for _, label in examples]
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory):
+  """A random tiny CLIP (context length 16) exported as a Hugging Face directory with the
+  synthetic world's tokenizer, as models.export_hf writes it: what --hf and the README take."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from countclip_jax import models  # pylint: disable=g-import-not-at-top
+  from countclip_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+  from countclip_jax.text.tokenizer import build_tokenizer  # pylint: disable=g-import-not-at-top
+  tokenizer = build_tokenizer(synthetic.vocabulary() + ["dogs"], context_length=16)
+  arch = models.ARCHITECTURES["tiny"]
+  model = models.CLIP(dataclasses.replace(arch, text=dataclasses.replace(
+      arch.text, vocab_size=tokenizer.vocab_size, eos_token_id=tokenizer.eos_token_id)))
+  # Random weights from the shapes alone: model.init runs op by op, ~10x slower.
+  rng = np.random.default_rng(0)
+  params = jax.tree_util.tree_map(lambda s: rng.normal(0, 0.2, s.shape).astype(s.dtype),
+                                  models.param_shapes(model))
+  out = str(tmp_path_factory.mktemp("tiny_export"))
+  models.export_hf(model, params, out, tokenizer=tokenizer)
+  return out

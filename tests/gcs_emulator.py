@@ -140,6 +140,14 @@ class GcsEmulator:
       if not token:
         return names
 
+  def write(self, bucket: str, name: str, data: bytes) -> None:
+    quoted = urllib.parse.quote(name, safe="")
+    request = urllib.request.Request(
+        f"{self.url}/upload/storage/v1/b/{bucket}/o?uploadType=media&name={quoted}", data=data,
+        method="POST", headers={"Content-Type": "application/octet-stream"})
+    with _DIRECT.open(request, timeout=60) as response:
+      response.read()
+
   def read(self, bucket: str, name: str) -> bytes:
     quoted = urllib.parse.quote(name, safe="")
     return self._request("GET", f"/storage/v1/b/{bucket}/o/{quoted}?alt=media", timeout=60)

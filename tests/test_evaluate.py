@@ -231,3 +231,22 @@ def test_command_line_on_a_run(tiny_workdir, tfds_colours_dir, tmp_path):
   refused = subprocess.run(command[:4] + ["--hf=somewhere"], capture_output=True, text=True,
                            timeout=300)
   assert refused.returncode != 0 and "exactly one of --workdir or --hf" in refused.stderr
+
+
+def test_an_hf_eval_without_out_goes_under_runs_eval_named_after_the_model(tiny_export,
+                                                                          tmp_path):
+  import os
+  import shutil
+  import subprocess
+  import sys
+  shutil.copytree(tiny_export, tmp_path / "my-export")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  done = subprocess.run([sys.executable, "-m", "countclip_jax.evaluate", "--hf=./my-export",
+                         "--synthetic_size=9", "--batch_size=9"], cwd=tmp_path,
+                        capture_output=True, text=True, timeout=300,
+                        env={**os.environ, "PYTHONPATH": root})
+  assert done.returncode == 0, done.stderr[-3000:]
+  where = tmp_path / "runs" / "eval" / "my-export" / "eval"
+  assert json.loads((where / "synthetic.json").read_text())["counting"]["n"] == 9
+  assert f"Wrote {where}/\n" in done.stderr
+  assert "synthetic/count_accuracy" in json.loads(done.stdout)  # stdout: the JSON alone

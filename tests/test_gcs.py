@@ -207,3 +207,19 @@ def test_export_to_gcs_loads_in_transformers_and_load_pretrained(gcs, children, 
                        input_ids=torch.tensor(loaded["ids"]).long()).logits_per_image.numpy()
   np.testing.assert_allclose(loaded["run_logits"], theirs, atol=1e-4)
   assert np.ptp(theirs) > 1e-3  # logits that differ per pair: the comparison means something
+
+
+def test_export_into_a_non_empty_gcs_directory_is_refused(gcs, children, gs_env, tmp_path):
+  """Checked before the run is read (there is none here): one line, and the bucket as it was."""
+  gcs.write(BUCKET, "taken-hf/config.json", b"{}")
+  gcs.write(BUCKET, "taken-hf/text_encoder/config.json", b"{}")
+  before = {name: gcs.read(BUCKET, name) for name in gcs.list(BUCKET, "taken-hf/")}
+  out = f"gs://{BUCKET}/taken-hf"
+  process = children.start("export", ["-m", "countclip_jax.export",
+                                      f"--workdir=gs://{BUCKET}/no-run", f"--out={out}"], gs_env)
+  output = children.wait(process, expect=2)
+  assert output.splitlines() == [  # stdout and stderr: this line alone
+      f"error: --out={out} is not empty: give a new or empty directory, or pass --overwrite to "
+      "write into it. Nothing was written."]
+  assert {name: gcs.read(BUCKET, name) for name in gcs.list(BUCKET, "taken-hf/")} == before
+  assert not gcs.list(BUCKET, "no-run")

@@ -180,7 +180,7 @@ def test_create_refuses(capsys):
 ])
 def test_bad_name_or_zone(capsys, argv, message):
   err = fails(capsys, "create", *argv, "--accelerator=v4-8")
-  assert err.startswith("python -m launch.tpu create: error: ")
+  assert err.startswith("error: ") and err.count("\n") == 1  # one line, as every command's
   assert message in err
 
 
@@ -315,6 +315,51 @@ def test_run_refuses_bad_flags(capsys):
       capsys, "run", *TPU, *L14, "--", "--workdir=gs://other/run")
   assert "--config='l14' is not a config file" in fails(
       capsys, "run", *TPU, "--config=l14", "--workdir=gs://my-bucket/run")
+
+
+@pytest.mark.parametrize("config, overrides, message", [
+    ("configs/l15.py", [], "--config=configs/l15.py: there is no file configs/l15.py in "),
+    ("configs/density.py:fsc148", [], "--config=configs/density.py:fsc148 does not load: "
+     "ValueError: configs/density.py takes 'demo', 'tiny' or 'fsc147', got 'fsc148'"),
+    ("configs/l14.py", ["--config.train.lrr=1e-5"],
+     "unknown config key 'train.lrr' (in --config.train.lrr); did you mean 'train.lr'?"),
+    ("configs/l14.py", ["--config.trian.lr=1e-5"], "unknown config key 'trian'"),
+    ("configs/l14.py", ["--config.train.steps=1e4"],
+     "flag --config.train.steps=1e4: invalid literal for int() with base 10: '1e4'"),
+    ("configs/l14.py", ["--config.model.remat=maybe"], "flag --config.model.remat=maybe: "),
+], ids=["no file", "bad preset", "unknown key", "unknown group", "bad int", "bad bool"])
+def test_run_checks_the_config_and_its_overrides_before_any_gcloud_call(capsys, config,
+                                                                        overrides, message):
+  """Not a dry run: nothing_runs fails the test if any process starts."""
+  argv = ["run", *TPU, f"--config={config}", "--workdir=gs://my-bucket/run", "--", *overrides]
+  assert tpu.main(argv) == 2
+  captured = capsys.readouterr()
+  assert captured.out == "" and captured.err.startswith("error: " + message), captured.err
+  assert captured.err.count("\n") == 1
+
+
+def test_without_ml_collections_only_the_config_file_is_checked(capsys, monkeypatch):
+  monkeypatch.setitem(sys.modules, "ml_collections", None)  # what `import` then refuses
+  assert "there is no file configs/l15.py" in fails(
+      capsys, "run", *TPU, "--config=configs/l15.py", "--workdir=gs://my-bucket/run")
+  assert tpu.main(["run", *TPU, *L14, "--dry-run", "--", "--config.train.lrr=1"]) == 0
+  assert "ml_collections is not installed here" in capsys.readouterr().err
+
+
+def test_run_passes_other_flags_and_valid_overrides(capsys):
+  overrides = ["--config.train.lr=3e-6", "--noconfig.model.remat", "--config.count.scale=learned",
+               "--verbosity=1"]  # main's absl flags are not the config's: the workers check them
+  (line,) = dry(capsys, "run", *TPU, "--config=configs/density.py:fsc147",
+                "--workdir=gs://my-bucket/run", "--", *overrides)
+  assert main_argv(line)[2:] == overrides
+
+
+def test_argparse_errors_are_one_line(capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    tpu.main(["run", *TPU, "--workdir=gs://my-bucket/run"])
+  assert exit_info.value.code == 2
+  assert capsys.readouterr().err == ("error: the following arguments are required: --config "
+                                     "(see python -m launch.tpu run --help)\n")
 
 
 def test_dry_run_after_the_separator_is_refused(capsys):

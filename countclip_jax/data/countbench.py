@@ -15,7 +15,6 @@ layout), for the evaluation: the examples that have an image, and how many were 
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import concurrent.futures
 import dataclasses
@@ -34,6 +33,7 @@ import urllib.request
 
 import tqdm
 
+from countclip_jax import cli
 from countclip_jax.data import images
 
 USER_AGENT = "Mozilla/5.0 (compatible; countclip-jax CountBench downloader)"
@@ -74,7 +74,10 @@ def read_json(path: str | None = None) -> list[Example]:
     source = path
     with open(path, encoding="utf-8") as f:
       text = f.read()
-  entries = json.loads(text)
+  try:
+    entries = json.loads(text)
+  except json.JSONDecodeError as e:  # its message names no file
+    raise ValueError(f"{source} is not json: {e}") from e
   if not isinstance(entries, list):
     raise ValueError(f"{source}: expected a json list of entries, got {type(entries).__name__}.")
   return [_example(i, e, source) for i, e in enumerate(entries)]
@@ -350,8 +353,8 @@ def _load_parquet(files: list[str]) -> tuple[list[Example], int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m countclip_jax.data.countbench",
-                                   description=__doc__.split("\n\n")[0])
+  parser = cli.ArgumentParser(prog="python -m countclip_jax.data.countbench",
+                              description=__doc__.split("\n\n")[0])
   parser.add_argument("--out", required=True, help="cache directory (created if missing)")
   parser.add_argument("--json", default=None, help="CountBench json (default: package data)")
   parser.add_argument("--workers", type=int, default=16, help="parallel downloads")
@@ -363,7 +366,13 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--no-progress", dest="progress", action="store_false",
                       help="no progress bar (the summary is still printed)")
   args = parser.parse_args(argv)
-  report = download(args.out, read_json(args.json), workers=args.workers, timeout=args.timeout,
+  try:  # a --json that is missing or not CountBench's format, an --out that is a file
+    entries = read_json(args.json)
+    os.makedirs(args.out, exist_ok=True)
+  except (OSError, ValueError) as e:
+    print(f"error: {cli.one_line(e)}", file=sys.stderr)
+    return cli.USER_ERROR
+  report = download(args.out, entries, workers=args.workers, timeout=args.timeout,
                     retries=args.retries, retry_failed=args.retry_failed, progress=args.progress)
   if not args.progress:
     print(summary(report))

@@ -32,7 +32,6 @@ run does not write).
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import concurrent.futures
 import dataclasses
@@ -50,6 +49,7 @@ import pyarrow.parquet as pq
 import tqdm
 from etils import epath
 
+from countclip_jax import cli
 from countclip_jax.data import images
 from countclip_jax.data import records
 from countclip_jax.text import numbers
@@ -457,7 +457,8 @@ def summary(stats: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser = cli.ArgumentParser(prog="python -m countclip_jax.data.prepare",
+                              description=__doc__.split("\n")[0])
   parser.add_argument("--input", required=True,
                       help="comma-separated globs of .tar, .jsonl or .parquet files")
   parser.add_argument("--output_dir", required=True)
@@ -480,8 +481,8 @@ def main(argv: list[str] | None = None) -> int:
                     workers=args.workers or None, overwrite=args.overwrite, strict=args.strict,
                     allow_outside_paths=args.allow_outside_paths)
   except (InputError, FileNotFoundError, FileExistsError) as e:  # refused before writing
-    print("error: " + " ".join(str(e).split()), file=sys.stderr)
-    return 2
+    print(f"error: {cli.one_line(e)}", file=sys.stderr)
+    return cli.USER_ERROR
   print(summary(stats))
   print(f"Wrote {args.output_dir}/stats.json")
   return 0

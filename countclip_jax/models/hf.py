@@ -247,12 +247,25 @@ def export_hf(model: CLIP, params: Any, out_dir: str, tokenizer=None) -> None:
   """Writes `config.json` + `model.safetensors` (transformers CLIPModel) to a local/gs:// dir.
 
   `tokenizer` (a text.tokenizer.Tokenizer) adds its files, so that `CLIPProcessor` and
-  `CLIPTokenizerFast.from_pretrained(out_dir)` work too.
+  `CLIPTokenizerFast.from_pretrained(out_dir)` work too, with `model_max_length` set to the
+  model's context length (Tokenizer.from_pretrained(out_dir) pads to it).
   """
   out = epath.Path(out_dir)
   _write_model(out, config_to_hf(model.config), "CLIPModel", params)
   if tokenizer is not None:
-    tokenizer.save(os.fspath(out))
+    _save_tokenizer(tokenizer, os.fspath(out), model.config.text.context_length)
+
+
+def _save_tokenizer(tokenizer, out_dir: str, context_length: int) -> None:
+  """The tokenizer's files with `model_max_length` set to the model's context length: what
+  pipelines pad prompts to, and Tokenizer.from_pretrained's default (else CLIP's 77, past the
+  positions of a short-context model)."""
+  hf_tokenizer, saved = tokenizer.hf, tokenizer.hf.model_max_length
+  hf_tokenizer.model_max_length = context_length
+  try:
+    tokenizer.save(out_dir)
+  finally:  # the caller's tokenizer is left as it was
+    hf_tokenizer.model_max_length = saved
 
 
 class WidthError(ValueError):
@@ -280,9 +293,4 @@ def export_text_encoder(model: CLIP, params: Any, out_dir: str, tokenizer=None, 
   _write_model(out / "text_encoder", config_to_hf(model.config).text_config, "CLIPTextModel",
                {"text_model": params["text_model"]})
   if tokenizer is not None:
-    hf_tokenizer, saved = tokenizer.hf, tokenizer.hf.model_max_length
-    hf_tokenizer.model_max_length = model.config.text.context_length
-    try:
-      tokenizer.save(os.fspath(out / "tokenizer"))
-    finally:  # the caller's tokenizer is left as it was
-      hf_tokenizer.model_max_length = saved
+    _save_tokenizer(tokenizer, os.fspath(out / "tokenizer"), model.config.text.context_length)
