@@ -380,3 +380,31 @@ def test_damage_inside_a_file_ends_that_file_only(tmp_path, webdataset_tar):
   # The tar after it is read in full (how much of the damaged file comes first is pyarrow's).
   captions = [r["caption"] for r in read_all(tmp_path / "out", "counting")[0]]
   assert captions[-2:] == ["Three red apples on a table", "five birds on a wire"]
+
+
+def test_the_bad_input_corpus_in_bounded_memory(tmp_path, webdataset_tar):
+  """The command on thin images (a 164-byte 1x20000 PNG once took 4.1 GB to preprocess,
+  2x60000 6.2 GB) beside valid and bad examples: the valid ones kept, each bad one counted by
+  its reason, and the whole process's peak memory under 1 GB."""
+  import os
+  import resource
+  import subprocess
+  import sys
+  thin = tmp_path / "thin.tar"
+  write_tar(thin, [("a.png", thin_png(1, 20_000)), ("a.txt", b"two poles"),
+                   ("b.png", thin_png(2, 60_000)), ("b.txt", b"a fence"),
+                   ("c.png", thin_png(60_000, 3)), ("c.txt", b"three rails")])
+  out = tmp_path / "out"
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  subprocess.run([sys.executable, "-m", "countclip_jax.data.prepare", "--input",
+                  f"{thin},{webdataset_tar}", "--output_dir", str(out), "--num_shards", "4"],
+                 cwd=root, check=True, capture_output=True, timeout=300)
+  peak_bytes = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # KiB on Linux
+  assert peak_bytes < 2**30, f"peak memory {peak_bytes / 2**20:.0f} MiB"
+  stats = json.loads((out / "stats.json").read_text())
+  assert stats["skipped"] == {
+      "extreme aspect ratio": 3, "bad image": 1, "empty caption": 1, "missing image": 1,
+      "several different counts in caption": 1, "text is not utf-8": 1,
+      "unsafe path in tar (absolute or '..')": 2}
+  assert stats["examples"] == {"counting": 2, "general": 2}
+  assert all(os.path.getsize(out / name) > 0 for name in shard_files(out))
