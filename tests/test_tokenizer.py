@@ -51,3 +51,19 @@ def test_bad_arguments(tokenizer, tmp_path):
   (tmp_path / "vocab.json").write_text("{}")
   with pytest.raises(ValueError, match="is a file; pass the directory"):
     Tokenizer.from_pretrained(str(tmp_path / "vocab.json"))
+
+
+def test_save_is_never_seen_half_written(tokenizer, tmp_path, monkeypatch):
+  """Other processes of a pod run wait for tokenizer.json: it must come last, and every file
+  must appear whole (renamed into place), so no reader sees a partial tokenizer."""
+  import os
+  placed = []
+  real_replace = os.replace
+  def replace(src, dst):
+    assert os.path.basename(str(src)).endswith(".partial")
+    placed.append(os.path.basename(str(dst)))
+    return real_replace(src, dst)
+  monkeypatch.setattr(os, "replace", replace)
+  tokenizer.save(str(tmp_path / "tok"))
+  assert placed[-1] == "tokenizer.json" and len(placed) >= 2
+  assert sorted(os.listdir(tmp_path / "tok")) == sorted(placed)  # no partial file left
