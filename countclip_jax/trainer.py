@@ -24,7 +24,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from countclip_jax import checkpoints, cli, preflight, sharding, tasks
+from countclip_jax import accumulation, checkpoints, cli, preflight, sharding, tasks
 from countclip_jax.data import pipeline
 from countclip_jax.metric_writer import MetricWriter
 from countclip_jax.text.tokenizer import Tokenizer
@@ -158,30 +158,12 @@ def state_shardings(mesh, state_shapes: TrainState, param_shardings) -> TrainSta
 
 def make_train_step(task: tasks.Task, model, tx, schedule, config, mesh,
                     shardings: TrainState):
-  """The jitted step: explicit in/out shardings, donated state, grad accumulation by scan."""
-  accum = config.train.grad_accum
-  grad_fn = jax.value_and_grad(functools.partial(
-      task.loss_fn, model=model, config=config, mesh=mesh), has_aux=True)
-
-  def micro_batches(batch):
-    # (B, ...) -> (A, B/A, ...) taking every A-th row, so each device keeps its own rows.
-    split = lambda x: jnp.moveaxis(x.reshape(x.shape[0] // accum, accum, *x.shape[1:]), 1, 0)
-    return jax.tree_util.tree_map(split, batch)
+  """The jitted step: explicit in/out shardings, donated state, micro-batches by scan
+  (accumulation.py)."""
+  gradients = accumulation.grad_fn(task, model, config, mesh)
 
   def step(state: TrainState, batch):
-    if accum == 1:
-      (_, metrics), grads = grad_fn(state.params, batch, state.step)
-    else:
-      def body(carry, micro):
-        (_, m), g = grad_fn(state.params, micro, state.step)
-        return jax.tree_util.tree_map(jnp.add, carry, (g, m)), None
-      micro = micro_batches(batch)
-      (_, metric_shapes), grad_shapes = jax.eval_shape(
-          grad_fn, state.params, jax.tree_util.tree_map(lambda x: x[0], micro), state.step)
-      zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype),
-                                     (grad_shapes, metric_shapes))
-      (grads, metrics), _ = jax.lax.scan(body, zeros, micro)
-      grads, metrics = jax.tree_util.tree_map(lambda x: x / accum, (grads, metrics))
+    grads, metrics = gradients(state.params, batch, state.step)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = task.constrain(optax.apply_updates(state.params, updates))

@@ -58,6 +58,21 @@ class Task:
     the loop differentiates the loss."""
     raise NotImplementedError
 
+  # A loss that couples the examples of a batch (a contrastive loss: the other pairs are its
+  # negatives) sets this and splits loss_fn into `features` (per example) and
+  # `loss_from_features` (the whole batch), so that train.grad_accum keeps the whole batch's
+  # loss (accumulation.py). Otherwise micro-batch gradients are averaged.
+  couples_examples: bool = False
+
+  def features(self, params, batch, *, model, config) -> Any:
+    """A tree of per-example features (leading axis: the batch's rows)."""
+    raise NotImplementedError
+
+  def loss_from_features(self, params, features, step, *, model, config, mesh
+                         ) -> tuple[Any, dict]:
+    """loss_fn on `features(params, batch)`; may use params directly too (a temperature)."""
+    raise NotImplementedError
+
   def constrain(self, params) -> Any:
     """Params after each update (e.g. a clamp)."""
     return params

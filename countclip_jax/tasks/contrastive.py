@@ -87,10 +87,21 @@ class Contrastive(tasks.Task):
                       "cf_number": s(2)},
             "general": {"image": s(4), "text": s(2)}}
 
+  couples_examples = True  # InfoNCE: every other pair of the batch is a negative
+
   def loss_fn(self, params, batch, step, *, model, config, mesh):
     del step
     return loss_fn(params, batch, model, config.count,
                    NamedSharding(mesh, P(sharding.BATCH_AXES, None)))
+
+  def features(self, params, batch, *, model, config):
+    del config
+    return features(params, batch, model)
+
+  def loss_from_features(self, params, features, step, *, model, config, mesh):
+    del step, model
+    return loss_from_features(params, features, config.count,
+                              NamedSharding(mesh, P(sharding.BATCH_AXES, None)))
 
   def constrain(self, params):
     return {**params, "logit_scale": jnp.clip(params["logit_scale"], None, MAX_LOGIT_SCALE)}
@@ -103,19 +114,28 @@ class Contrastive(tasks.Task):
     return evaluate.evaluate_during_training(config, model, params, tokenizer, workdir, step)
 
 
-def loss_fn(params, batch, model: CLIP, count_config, logits_sharding=None):
-  """L_clip over all pairs + λ L_count over the counting pairs; returns (loss, metrics)."""
+def features(params, batch, model: CLIP) -> dict:
+  """The normalised embeddings of a batch, per example: what the losses see."""
   apply = lambda method, x: model.apply({"params": params}, x, method=method)
   count, general = batch["count"], batch["general"]
   num_count, k, length = count["cf_text"].shape
   num_general = general["text"].shape[0]
   # One text-encoder pass over true captions and counterfactuals: token ids are cheap to move
   # between devices, and one big matmul beats three small ones. Images stay in two passes.
-  all_texts = normalize(apply("encode_text", jnp.concatenate(
+  texts = normalize(apply("encode_text", jnp.concatenate(
       [count["text"], general["text"], count["cf_text"].reshape(num_count * k, length)])))
-  texts, cf = all_texts[:num_count + num_general], all_texts[num_count + num_general:]
-  images = normalize(jnp.concatenate([apply("encode_image", count["image"]),
-                                      apply("encode_image", general["image"])]))
+  return {"count_image": normalize(apply("encode_image", count["image"])),
+          "general_image": normalize(apply("encode_image", general["image"])),
+          "count_text": texts[:num_count],
+          "general_text": texts[num_count:num_count + num_general],
+          "cf_text": texts[num_count + num_general:].reshape(num_count, k, -1)}
+
+
+def loss_from_features(params, f: dict, count_config, logits_sharding=None):
+  """L_clip over all pairs + λ L_count over the counting pairs; returns (loss, metrics)."""
+  num_count = f["count_image"].shape[0]
+  images = jnp.concatenate([f["count_image"], f["general_image"]])
+  texts = jnp.concatenate([f["count_text"], f["general_text"]])
   scale = jnp.exp(params["logit_scale"].astype(jnp.float32))
   clip = losses.clip_loss(images, texts, scale, logits_sharding)
   metrics = {"clip_loss": clip, "logit_scale": scale}
@@ -125,11 +145,15 @@ def loss_fn(params, batch, model: CLIP, count_config, logits_sharding=None):
     guard = (lambda x: x) if count_config.lam else jax.lax.stop_gradient
     s = scale if count_config.scale == "learned" else float(count_config.scale)
     count_loss, count_acc = losses.counting_loss(
-        guard(images[:num_count]), guard(texts[:num_count]), guard(cf.reshape(num_count, k, -1)),
-        scale=guard(s))
+        guard(f["count_image"]), guard(f["count_text"]), guard(f["cf_text"]), scale=guard(s))
     loss = loss + count_config.lam * count_loss
     metrics.update(count_loss=count_loss, count_accuracy=count_acc)
   return loss, {"loss": loss, **metrics}
+
+
+def loss_fn(params, batch, model: CLIP, count_config, logits_sharding=None):
+  return loss_from_features(params, features(params, batch, model), count_config,
+                            logits_sharding)
 
 
 TASK = Contrastive()
