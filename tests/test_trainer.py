@@ -83,8 +83,10 @@ def test_sharded_step_equals_one_device(tokenizer):
                            params, ref_params)
 
 
-def test_metrics_and_learning(tokenizer):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # bfloat16: every real preset's
+def test_metrics_and_learning(tokenizer, dtype):
   config = small_config()
+  config.model.dtype = dtype
   config.train.lr = 3e-3
   model, state, step, place = setup(config, tokenizer, (2, 1, 1), jax.devices()[:2])
   batch = place(fake_batch(config, tokenizer, model.config.vision.image_size))
@@ -97,8 +99,30 @@ def test_metrics_and_learning(tokenizer):
   np.testing.assert_allclose(
       metrics["loss"], metrics["clip_loss"] + config.count.lam * metrics["count_loss"],
       rtol=1e-6)
-  assert losses[-1] < losses[0]  # it fits one batch
+  assert losses[-1] < losses[0] and np.all(np.isfinite(losses))  # it fits one batch
   assert int(state.step) == 8
+  # Params (and so checkpoints) stay float32 whatever the compute dtype.
+  assert {x.dtype for x in jax.tree_util.tree_leaves(state.params)} == {np.dtype("float32")}
+
+
+def test_lambda_zero_sends_no_gradient_through_the_counting_terms(tokenizer):
+  """λ = 0 measures the counting loss but trains on L_clip alone; λ = 1 does not."""
+  config = small_config()
+  model, state, _, _ = setup(config, tokenizer, (1, 1, 1), jax.devices()[:1])
+  params = jax.device_get(state.params)
+  batch = fake_batch(config, tokenizer, model.config.vision.image_size)
+  def grads(lam, term="loss"):
+    config.count.lam = lam
+    loss = lambda p: contrastive.loss_fn(p, batch, model, config.count)[1][term]
+    return jax.grad(loss)(params)
+  clip_only = grads(0.0, "clip_loss")
+  jax.tree_util.tree_map(np.testing.assert_array_equal, grads(0.0), clip_only)
+  config.count.lam = 0.0
+  _, metrics = contrastive.loss_fn(params, batch, model, config.count)
+  assert float(metrics["count_loss"]) > 0  # still measured
+  differs = jax.tree_util.tree_map(lambda a, b: float(np.max(np.abs(a - b))), grads(1.0),
+                                   clip_only)
+  assert max(jax.tree_util.tree_leaves(differs)) > 1e-4
 
 
 def test_non_finite_loss_skips_the_update(tokenizer):
