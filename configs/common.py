@@ -14,7 +14,10 @@ def base() -> ml_collections.ConfigDict:
   c.model.init = ""            # HF hub id, local dir or gs:// dir to start from; "" = random init
   c.model.arch = "b32"         # models.ARCHITECTURES key, used when init is "" (and for shapes)
   c.model.dtype = "bfloat16"   # compute dtype; params stay float32
-  c.model.remat = False        # rematerialise each transformer layer (saves activation memory)
+  # Rematerialise each transformer layer (activation memory for compute): False | True (keep
+  # nothing) | a jax.checkpoint_policies name (models/clip.py REMAT_POLICIES), e.g.
+  # "dots_with_no_batch_dims_saveable" (keep the weight matmuls: less recompute, more memory).
+  c.model.remat = ml_collections.FieldReference(False, field_type=object)
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "synthetic"  # synthetic | records | tfds
@@ -51,6 +54,15 @@ def base() -> ml_collections.ConfigDict:
   c.train.seed = 0
   c.train.max_nonfinite = 10   # consecutive non-finite losses before the run stops
   c.train.log_every = 10
+  # Persistent XLA compilation cache (a restart or another host skips compiling): a local or
+  # gs:// directory; "auto" = ~/.cache/countclip_jax/xla on TPU and GPU, off on CPU; "" = off.
+  c.train.compilation_cache = "auto"
+
+  # A profiler trace of steps start_step .. start_step + steps - 1 into WORKDIR/profile, for
+  # TensorBoard's profile plugin (`tensorboard --logdir WORKDIR`); 0 = no trace.
+  c.profile = ml_collections.ConfigDict()
+  c.profile.start_step = 0
+  c.profile.steps = 5
 
   c.count = ml_collections.ConfigDict()
   c.count.lam = 1.0            # λ in L = L_clip + λ L_count (the paper's is 1)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import re
 import time
 from typing import Any
@@ -26,6 +27,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from countclip_jax import accumulation, checkpoints, cli, preflight, sharding, tasks
 from countclip_jax.data import pipeline
+from countclip_jax.models import clip
 from countclip_jax.metric_writer import MetricWriter
 from countclip_jax.text.tokenizer import Tokenizer
 
@@ -64,6 +66,13 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     if not ok:
       section, field = name.split(".")
       raise ValueError(f"{name} must be {rule}, got {config[section][field]!r}")
+  remat = config.model.remat
+  if not (isinstance(remat, bool) or remat in clip.REMAT_POLICIES):
+    raise ValueError(f"model.remat must be True, False or one of {clip.REMAT_POLICIES}, got "
+                     f"{remat!r}")
+  if config.profile.start_step < 0 or config.profile.steps < 1:
+    raise ValueError(f"profile.start_step must be >= 0 (0: off) and profile.steps >= 1, got "
+                     f"{config.profile.start_step} and {config.profile.steps}")
   sharding.mesh_shape(config.mesh, num_devices)
   if t.freeze:
     try:
@@ -254,6 +263,43 @@ def prepare_workdir(task: tasks.Task, model, config, workdir: epath.Path, tokeni
   _barrier("workdir")
 
 
+def use_compilation_cache(setting: str) -> str | None:
+  """Points JAX's persistent compilation cache at `setting` (train.compilation_cache); returns
+  the directory, or None when off."""
+  if setting == "auto":  # on CPU compiling is quick and cache entries are large
+    if jax.default_backend() == "cpu":
+      return None
+    setting = os.path.expanduser("~/.cache/countclip_jax/xla")
+  if setting:
+    jax.config.update("jax_compilation_cache_dir", setting)
+  return setting or None
+
+
+class _Profile:
+  """A trace of steps [start, start + steps) into WORKDIR/profile (profile.start_step > 0)."""
+
+  def __init__(self, config, workdir: epath.Path):
+    self.start = config.profile.start_step
+    self.stop = self.start + config.profile.steps
+    self.directory, self.running = str(workdir / "profile"), False
+
+  def before(self, step: int) -> None:
+    if self.start and step == self.start and jax.process_index() == 0:
+      jax.profiler.start_trace(self.directory)
+      self.running = True
+
+  def after(self, step: int, outputs) -> None:
+    if self.running and step == self.stop - 1:
+      self.close(outputs)
+
+  def close(self, outputs=None) -> None:
+    if self.running:
+      jax.block_until_ready(outputs)  # the traced steps' device work ends inside the trace
+      jax.profiler.stop_trace()
+      self.running = False
+      logging.info("Profile of steps %d..%d in %s", self.start, self.stop - 1, self.directory)
+
+
 def _nonfinite_message(count: int, when: str, manager, workdir) -> str:
   manager.wait_until_finished()
   latest = manager.latest_step()
@@ -291,6 +337,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   logging.info("Config:\n%s", config)
   prepare_workdir(task, model, config, workdir, tokenizer, resume_step)
   primary = jax.process_index() == 0
+  if (cache := use_compilation_cache(config.train.compilation_cache)) is not None:
+    logging.info("Compilation cache: %s", cache)
 
   # ---- Mesh.
   mesh = sharding.make_mesh(config.mesh)
@@ -333,12 +381,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   t = config.train
   progress = tqdm.tqdm(total=t.steps, initial=start, disable=not primary, unit="step",
                        dynamic_ncols=True)
+  profile = _Profile(config, workdir)
   last_logged, last_time, last_step, previous_nonfinite = {}, time.perf_counter(), start, None
+  not_stepping = 0.0  # seconds since the last log spent saving checkpoints
   step = start
   try:
     for step in range(start + 1, t.steps + 1):
+      profile.before(step)
       batch = pipeline.global_batch(next(train_iter), batch_sharding)
       state, metrics = train_step(state, batch)
+      profile.after(step, metrics)
       # Read the previous step's counter while this one runs: no stall of the device queue.
       if previous_nonfinite is not None and int(previous_nonfinite) >= t.max_nonfinite:
         raise FloatingPointError(_nonfinite_message(t.max_nonfinite, f"before step {step}",
@@ -348,18 +400,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         jax.block_until_ready(metrics)
         last_time, last_step = time.perf_counter(), step
       if step % t.log_every == 0 or step == t.steps:
-        now = time.perf_counter()
         last_logged = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        if step > last_step:
-          last_logged["examples_per_sec"] = (step - last_step) * t.batch_size / (now - last_time)
+        stepping = time.perf_counter() - last_time - not_stepping
+        if step > last_step:  # step time and rate leave out compilation, saves and evals
+          last_logged["step_seconds"] = stepping / (step - last_step)
+          last_logged["examples_per_sec"] = t.batch_size / last_logged["step_seconds"]
           progress.set_postfix(loss=f"{last_logged['loss']:.3f}",
                                ex_s=f"{last_logged['examples_per_sec']:.0f}")
-        last_time, last_step = now, step
+        last_time, last_step, not_stepping = time.perf_counter(), step, 0.0
         writer.write(step, last_logged)
       progress.update(1)
       # The interval save; on a pod Orbax also saves here at the step all processes agreed to
       # stop at after a preemption notice.
+      saving = time.perf_counter()
       saved = checkpoints.save(manager, step, state)
+      not_stepping += time.perf_counter() - saving
       if watch.preempted(manager, step):
         if not saved:
           checkpoints.save(manager, step, state, force=True)
@@ -378,6 +433,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if config.eval.datasets:
         evaluate(step)
   finally:
+    profile.close()
     manager.wait_until_finished()
     manager.close()
     if hasattr(train_iter, "close"):  # grain's worker processes, when data.num_workers > 0

@@ -35,6 +35,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REMOTE = "~/countclip"
 REMOTE_REPO = REMOTE + "/repo"    # the code; replaced by every `setup`; jobs run here
 REMOTE_VENV = REMOTE + "/venv"    # kept across `setup`s
+CONSTRAINTS = f"{REMOTE_REPO}/launch/constraints.txt"
 REMOTE_LOG = REMOTE + "/train.log"
 REMOTE_PID = REMOTE + "/train.pid"
 TARBALL = "countclip-jax.tar.gz"  # setup's copy of the checkout, in the remote home
@@ -241,8 +242,9 @@ def setup(args, extra) -> list[list[str]]:
       "PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install --quiet --user --upgrade uv",
       f"~/.local/bin/uv venv --quiet --seed --allow-existing --python {quote(args.python)} "
       f"{REMOTE_VENV}",
-      f'{REMOTE_VENV}/bin/pip install --quiet --upgrade "jax[tpu]"',
-      f"{REMOTE_VENV}/bin/pip install --quiet --editable {REMOTE_REPO}",
+      # The tested versions (launch/constraints.txt) on every worker, libtpu included.
+      f'{REMOTE_VENV}/bin/pip install --quiet --upgrade "jax[tpu]" -c {CONSTRAINTS}',
+      f"{REMOTE_VENV}/bin/pip install --quiet --editable {REMOTE_REPO} -c {CONSTRAINTS}",
       'printf "%s: countclip-jax ready, jax " "$(hostname)"',
       f'{REMOTE_VENV}/bin/python -c "import countclip_jax, jax; print(jax.__version__)"')))
   return commands

@@ -70,16 +70,23 @@ def test_bf16_compute_keeps_fp32_params_and_outputs():
   np.testing.assert_allclose(out.logits_per_image, ref.logits_per_image, atol=0.3)
 
 
-def test_remat_changes_nothing_but_memory():
+@pytest.mark.parametrize("remat", [True, "dots_with_no_batch_dims_saveable"])
+def test_remat_changes_nothing_but_memory(remat):
   config = models.ARCHITECTURES["tiny"]
   params = models.init_params(CLIP(config), jax.random.key(0))
   inputs = tiny_inputs(config)
   loss = lambda model: jax.value_and_grad(
       lambda p: model.apply({"params": p}, *inputs).logits_per_image.sum())(params)
-  (plain, g_plain), (remat, g_remat) = loss(CLIP(config)), loss(CLIP(config, remat=True))
+  (plain, g_plain), (remat, g_remat) = loss(CLIP(config)), loss(CLIP(config, remat=remat))
   np.testing.assert_allclose(plain, remat, rtol=1e-6)
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
                          g_plain, g_remat)
+
+
+def test_an_unknown_remat_policy_is_refused():
+  config = models.ARCHITECTURES["tiny"]
+  with pytest.raises(ValueError, match="model.remat must be a bool or one of"):
+    models.init_params(CLIP(config, remat="dots"), jax.random.key(0))
 
 
 def test_text_pools_at_the_first_eos():

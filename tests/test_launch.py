@@ -193,8 +193,10 @@ GUARD = ('pid=$(cat ~/countclip/train.pid 2>/dev/null || true); '
 INSTALL = (
     "PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install --quiet --user --upgrade uv; "
     "~/.local/bin/uv venv --quiet --seed --allow-existing --python 3.12 ~/countclip/venv; "
-    '~/countclip/venv/bin/pip install --quiet --upgrade "jax[tpu]"; '
-    "~/countclip/venv/bin/pip install --quiet --editable ~/countclip/repo; "
+    '~/countclip/venv/bin/pip install --quiet --upgrade "jax[tpu]" '
+    "-c ~/countclip/repo/launch/constraints.txt; "
+    "~/countclip/venv/bin/pip install --quiet --editable ~/countclip/repo "
+    "-c ~/countclip/repo/launch/constraints.txt; "
     'printf "%s: countclip-jax ready, jax " "$(hostname)"; '
     '~/countclip/venv/bin/python -c "import countclip_jax, jax; print(jax.__version__)"')
 
@@ -326,7 +328,7 @@ def test_run_refuses_bad_flags(capsys):
     ("configs/l14.py", ["--config.trian.lr=1e-5"], "unknown config key 'trian'"),
     ("configs/l14.py", ["--config.train.steps=1e4"],
      "flag --config.train.steps=1e4: invalid literal for int() with base 10: '1e4'"),
-    ("configs/l14.py", ["--config.model.remat=maybe"], "flag --config.model.remat=maybe: "),
+    ("configs/l14.py", ["--config.data.augment=maybe"], "flag --config.data.augment=maybe: "),
 ], ids=["no file", "bad preset", "unknown key", "unknown group", "bad int", "bad bool"])
 def test_run_checks_the_config_and_its_overrides_before_any_gcloud_call(capsys, config,
                                                                         overrides, message):
@@ -656,3 +658,15 @@ def test_readme_shows_the_real_dry_run_output(capsys):
     argv = shlex.split(block[0][2:])[3:]
     assert tpu.main(argv) == 0
     assert capsys.readouterr().out.splitlines() == block[1:]
+
+
+def test_constraints_pin_the_tested_stack():
+  """launch/constraints.txt names the versions this checkout is tested with (the venv's)."""
+  import importlib.metadata
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "launch",
+                      "constraints.txt")
+  pins = dict(line.split("==") for line in open(path).read().splitlines()
+              if line and not line.startswith("#"))
+  assert {"jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain"} <= set(pins)
+  for name, version in pins.items():
+    assert importlib.metadata.version(name) == version, name

@@ -45,10 +45,20 @@ def assert_one_line_error(result, *fragments):
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
-  """A 2-step run of the tiny preset: what the resume cases start from."""
+  """A 2-step run of the tiny preset (traced, with a compilation cache): what the resume cases
+  start from."""
   workdir = tmp_path_factory.mktemp("finished")
-  main(workdir, *RUN, check=True)
+  main(workdir, *RUN, "--config.profile.start_step=2", "--config.profile.steps=1",
+       f"--config.train.compilation_cache={workdir}_xla", check=True)
   return workdir
+
+
+def test_the_run_has_its_profile_step_times_and_compilation_cache(finished_run):
+  traces = [f for _, _, files in os.walk(finished_run / "profile") for f in files]
+  assert any(f.endswith(".xplane.pb") for f in traces), traces
+  last = [json.loads(line) for line in (finished_run / "metrics.jsonl").read_text().splitlines()]
+  assert last[-1]["train/step_seconds"] > 0 and last[-1]["train/examples_per_sec"] > 0
+  assert os.listdir(f"{finished_run}_xla")  # compiled executables were cached
 
 
 @pytest.fixture

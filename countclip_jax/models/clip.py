@@ -206,17 +206,35 @@ class EncoderLayer(nn.Module):
     return x + MLP(c.width, c.mlp_dim, c.depth, c.act, name="mlp", **kw)(h)
 
 
+# model.remat: False, True (each layer keeps only its input: least memory, one more forward), or
+# a jax.checkpoint_policies name, e.g. "dots_with_no_batch_dims_saveable" (keeps the weight
+# matmuls' outputs: less recompute for more memory).
+REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable",
+                  "everything_saveable")
+
+
+def remat_layer(layer_cls, remat: bool | str):
+  """`layer_cls`, rematerialised as `remat` says (see REMAT_POLICIES); its 4th call argument
+  (causal) is static."""
+  if not remat:
+    return layer_cls
+  name = "nothing_saveable" if remat is True else remat
+  if name not in REMAT_POLICIES:
+    raise ValueError(f"model.remat must be a bool or one of {REMAT_POLICIES}, got {remat!r}")
+  return nn.remat(layer_cls, static_argnums=(3,), policy=getattr(jax.checkpoint_policies, name))
+
+
 class LayerCollection(nn.Module):
   """The `layers/0 ... layers/N-1` level of HF's tree; optional rematerialisation per layer."""
   cfg: TextConfig | VisionConfig
   dtype: Dtype
   param_dtype: Dtype
-  remat: bool = False
+  remat: bool | str = False  # see REMAT_POLICIES
   explain: bool = False  # see Attention
 
   @nn.compact
   def __call__(self, x, mask=None, causal=False):
-    layer_cls = nn.remat(EncoderLayer, static_argnums=(3,)) if self.remat else EncoderLayer
+    layer_cls = remat_layer(EncoderLayer, self.remat)
     for i in range(self.cfg.depth):
       x = layer_cls(self.cfg, self.dtype, self.param_dtype, self.explain,
                     name=str(i))(x, mask, causal)
@@ -227,7 +245,7 @@ class Encoder(nn.Module):
   cfg: TextConfig | VisionConfig
   dtype: Dtype
   param_dtype: Dtype
-  remat: bool = False
+  remat: bool | str = False  # see REMAT_POLICIES
   explain: bool = False  # see Attention
 
   @nn.compact
@@ -258,7 +276,7 @@ class TextTransformer(nn.Module):
   cfg: TextConfig
   dtype: Dtype
   param_dtype: Dtype
-  remat: bool = False
+  remat: bool | str = False  # see REMAT_POLICIES
   explain: bool = False  # see Attention
 
   @nn.compact
@@ -318,7 +336,7 @@ class VisionTransformer(nn.Module):
   cfg: VisionConfig
   dtype: Dtype
   param_dtype: Dtype
-  remat: bool = False
+  remat: bool | str = False  # see REMAT_POLICIES
   explain: bool = False  # see Attention
 
   @nn.compact
@@ -341,7 +359,7 @@ class CLIP(nn.Module):
   config: CLIPConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
-  remat: bool = False
+  remat: bool | str = False  # see REMAT_POLICIES
   # Explicit attention probabilities, perturbed and sown (see Attention); explain.py sets it
   # on a clone. Training and eval keep the fused attention.
   explain: bool = False

@@ -40,7 +40,7 @@ import numpy as np
 
 from countclip_jax.models.clip import (ARCHITECTURES, CLIPConfig, Encoder, EncoderLayer,
                                        VisionEmbeddings, _init, _layer_norm, _ones, _zeros,
-                                       eot_positions, normalize)
+                                       eot_positions, normalize, remat_layer)
 
 Dtype = Any
 
@@ -166,7 +166,7 @@ class _TextTower(nn.Module):
   pooling: str
   dtype: Dtype
   param_dtype: Dtype
-  remat: bool = False
+  remat: bool | str = False  # see clip.REMAT_POLICIES
 
   @nn.compact
   def __call__(self, input_ids, attention_mask, context):
@@ -196,11 +196,11 @@ class _PromptedLayers(nn.Module):
   cfg: Any
   dtype: Dtype
   param_dtype: Dtype
-  remat: bool = False
+  remat: bool | str = False  # see clip.REMAT_POLICIES
 
   @nn.compact
   def __call__(self, x, prompts):
-    layer_cls = nn.remat(EncoderLayer, static_argnums=(3,)) if self.remat else EncoderLayer
+    layer_cls = remat_layer(EncoderLayer, self.remat)
     depth, n = (0, 0) if prompts is None else prompts.shape[:2]
     cls_and_patches = lambda x, m: jnp.concatenate([x[:, :1], x[:, 1 + m:]], axis=1)
     for i in range(self.cfg.depth):
@@ -218,7 +218,7 @@ class _PromptedEncoder(nn.Module):
   cfg: Any
   dtype: Dtype
   param_dtype: Dtype
-  remat: bool = False
+  remat: bool | str = False  # see clip.REMAT_POLICIES
 
   @nn.compact
   def __call__(self, x, prompts):
@@ -231,7 +231,7 @@ class _VisionTower(nn.Module):
   cfg: Any
   dtype: Dtype
   param_dtype: Dtype
-  remat: bool = False
+  remat: bool | str = False  # see clip.REMAT_POLICIES
 
   @nn.compact
   def __call__(self, pixels, prompts):
@@ -248,7 +248,7 @@ class _Backbone(nn.Module):
   pooling: str
   dtype: Dtype
   param_dtype: Dtype
-  remat: bool = False
+  remat: bool | str = False  # see clip.REMAT_POLICIES
 
   def setup(self):
     c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -432,7 +432,7 @@ class DensityCounter(nn.Module):
   config: DensityConfig = CLIP_COUNT
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
-  remat: bool = False  # per backbone layer: VPT backpropagates through the whole ViT
+  remat: bool | str = False  # per backbone layer: VPT backpropagates through the whole ViT
 
   def setup(self):
     c, clip, kw = self.config, self.clip_config, dict(dtype=self.dtype,

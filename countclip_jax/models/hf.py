@@ -198,7 +198,7 @@ def _read_safetensors(files: list[str]) -> dict[str, np.ndarray]:
 
 
 def load_pretrained(name_or_path: str, *, dtype=jnp.float32, param_dtype=jnp.float32,
-                    remat: bool = False, revision: str | None = None):
+                    remat: bool | str = False, revision: str | None = None):
   """(model, params) from a hub id, a local directory or a gs:// directory.
 
   `dtype` is the compute dtype (e.g. jnp.bfloat16), `param_dtype` the dtype params are cast to
