@@ -263,7 +263,7 @@ def save_explanation(model: CLIP, params, tokenizer, image_bytes: bytes, text: s
   from countclip_jax.data import images  # pylint: disable=g-import-not-at-top
 
   size = model.config.vision.image_size
-  decoded = images.decode(image_bytes)
+  decoded = images.decode_for_eval(image_bytes)  # transformers' pixels, as evaluate's
   pixels = images.preprocess(decoded, size)
   # What the model saw (the centre crop), at a size worth looking at.
   shown = np.asarray(images.resize_center_crop(decoded, max(size, min(min(decoded.size), 448))))
@@ -363,7 +363,7 @@ def main(argv):
   with cli.user_errors(OSError, images.BadImageError):  # a bad image fails before the model loads
     with open(FLAGS.image, "rb") as f:
       image_bytes = f.read()
-    images.decode(image_bytes)
+    images.decode_for_eval(image_bytes)
   model, params, tokenizer = load(path, FLAGS.step, hf=bool(FLAGS.hf))
   save_explanation(model, params, tokenizer, image_bytes, FLAGS.text, FLAGS.out,
                    FLAGS.start_layer)

@@ -1,4 +1,5 @@
 """Image decoding and CLIP preprocessing: odd modes, bad bytes, bombs, crops, parity with HF."""
+import functools
 import io
 import json
 import struct
@@ -133,7 +134,12 @@ def test_pixel_limit_replaces_pils(monkeypatch):
     Image.open(io.BytesIO(data))
   with warnings.catch_warnings():
     warnings.simplefilter("error")
+    filters = list(warnings.filters)
     assert images.decode(data).size == (20, 20)
+    assert images.decode_for_eval(data).size == (20, 20)
+    assert images.preprocess(data, 8).shape == (8, 8, 3)
+    assert warnings.filters == filters  # no process-wide warning state touched (threads)
+  assert Image.MAX_IMAGE_PIXELS == 100  # nor PIL's own limit
 
 
 def test_jpeg_draft_decodes_smaller():
@@ -142,9 +148,13 @@ def test_jpeg_draft_decodes_smaller():
   data = _encode(Image.fromarray(pixels), "JPEG", quality=95)
   assert images.decode(data).size == (1600, 1200)
   assert images.decode(data, min_size=224).size == (400, 300)  # 1/4 scale; 1/8 would be < 224
-  fast = images.preprocess(data, 224)
-  full = images.preprocess(images.decode(data), 224)
-  assert np.abs(fast - full).mean() < 0.05
+  # Training may decode at reduced scale; eval never does (transformers' pixels, below).
+  fast = images.normalize(np.asarray(images.resize_center_crop(
+      images.decode(data, min_size=224), 224)))
+  full = images.preprocess(data, 224)
+  assert 0 < np.abs(fast - full).mean() < 0.05
+  assert images.decode_for_eval(data).size == (1600, 1200)
+  np.testing.assert_array_equal(full, images.preprocess(images.decode(data), 224))
 
 
 def test_preprocess_matches_hugging_face():
@@ -157,6 +167,110 @@ def test_preprocess_matches_hugging_face():
     out = images.preprocess(image)
     assert out.shape == (224, 224, 3) and out.dtype == np.float32
     np.testing.assert_allclose(out, expected, atol=1e-5)
+
+
+def _photo(width, height, seed=0):
+  """Smooth gradients plus noise: JPEG-realistic detail, so that a reduced-scale decode shows."""
+  y, x = np.mgrid[0:height, 0:width]
+  base = np.stack([x * 255 // max(width - 1, 1), y * 255 // max(height - 1, 1), (x + y) % 256], -1)
+  noise = np.random.default_rng(seed).integers(-40, 40, (height, width, 3))
+  return Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8))
+
+
+def _rgba_partly_transparent():
+  rgba = np.dstack([np.asarray(_photo(300, 200)),
+                    np.random.default_rng(1).integers(0, 256, (200, 300)).astype(np.uint8)])
+  rgba[:50, :, 3] = 0  # a fully transparent band; the rest partly
+  rgba[50:80, :, 3] = 255
+  return _encode(Image.fromarray(rgba, "RGBA"))
+
+
+def _rgb_png_with_trns():
+  rgb = _photo(260, 240).quantize(8).convert("RGB")  # few colours: the key covers many pixels
+  return _encode(rgb, transparency=rgb.getpixel((130, 120)))
+
+
+def _grey_png_with_trns():
+  grey = _photo(250, 300).convert("L")
+  return _encode(grey, transparency=int(np.median(np.asarray(grey))))  # a tRNS grey level
+
+
+# Bytes as evals read them. The JPEGs include a 4:3 photo that decodes at 1/4 or 1/8 scale with a
+# draft, odd and non-square sizes, one smaller than the crop and one exactly its size.
+HF_CASES = {
+    "jpeg 640x480": lambda: _encode(_photo(640, 480), "JPEG", quality=90),
+    "jpeg 480x640": lambda: _encode(_photo(480, 640, 1), "JPEG", quality=90),
+    "jpeg 1001x777": lambda: _encode(_photo(1001, 777, 2), "JPEG", quality=90),
+    "jpeg 333x517": lambda: _encode(_photo(333, 517, 3), "JPEG", quality=90),
+    "jpeg 150x101": lambda: _encode(_photo(150, 101, 4), "JPEG", quality=90),
+    "jpeg 224x224": lambda: _encode(_photo(224, 224, 5), "JPEG", quality=90),
+    "jpeg 3000x2001": lambda: _encode(_photo(3000, 2001, 6), "JPEG", quality=85),
+    "jpeg grey 900x701": lambda: _encode(_photo(900, 701, 7).convert("L"), "JPEG", quality=90),
+    "jpeg cmyk 300x240": lambda: _encode(_photo(300, 240, 8).convert("CMYK"), "JPEG", quality=90),
+    "png rgb 301x257": lambda: _encode(_photo(301, 257)),
+    "png rgba partly transparent": _rgba_partly_transparent,
+    "png palette with transparency": lambda: _encode(_photo(257, 311).quantize(64),
+                                                     transparency=3),
+    "png grey": lambda: _encode(_photo(250, 300).convert("L")),
+    "png grey with tRNS": _grey_png_with_trns,
+    "png rgb with tRNS": _rgb_png_with_trns,
+    "png 16-bit grey": lambda: _encode(Image.fromarray(
+        np.random.default_rng(10).integers(0, 400, (240, 260)).astype(np.uint16))),
+    "png la": lambda: _encode(Image.merge("LA", (_photo(230, 250).convert("L"),
+                                                 _photo(230, 250, 9).convert("L")))),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _case_bytes(case):
+  return HF_CASES[case]()
+
+
+@pytest.mark.parametrize("size", [224, 97])
+@pytest.mark.parametrize("case", sorted(HF_CASES))
+def test_eval_bytes_match_hugging_face(case, size):
+  """The eval path on bytes == transformers' slow (PIL) CLIPImageProcessor on the same bytes
+  opened by PIL, at the model's image size, and so do `preprocess_or_blank` and
+  `decode_for_eval` + `preprocess`. (transformers 5's `CLIPImageProcessor` is the torchvision
+  backend, another resize implementation: the reference is the PIL one.)"""
+  from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+  processor = CLIPImageProcessorPil(size={"shortest_edge": size},
+                                    crop_size={"height": size, "width": size})
+  data = _case_bytes(case)
+  expected = processor(Image.open(io.BytesIO(data)),
+                       return_tensors="np")["pixel_values"][0].transpose(1, 2, 0)
+  out = images.preprocess(data, size)
+  assert out.shape == (size, size, 3) and out.dtype == np.float32
+  np.testing.assert_allclose(out, expected, rtol=0, atol=1e-5)
+  blank_or, valid = images.preprocess_or_blank(lambda: data, size, case)
+  assert valid
+  np.testing.assert_array_equal(blank_or, out)
+  np.testing.assert_array_equal(images.preprocess(images.decode_for_eval(data), size), out)
+  np.testing.assert_allclose(images.preprocess(Image.open(io.BytesIO(data)), size), expected,
+                             rtol=0, atol=1e-5)
+
+
+def test_eval_and_training_transparency_rules():
+  """Where the training rule (`decode`) and transformers' (`decode_for_eval`) differ: a tRNS
+  colour on an RGB or grey PNG (HF: white; training: ignored) and 16-bit greys (HF: clipped by
+  PIL's convert; training: scaled). Alpha bands and palettes agree."""
+  rgb = Image.new("RGB", (2, 1))
+  rgb.putdata([(10, 20, 30), (200, 0, 0)])
+  data = _encode(rgb, transparency=(10, 20, 30))
+  assert images.decode_for_eval(data).getpixel((0, 0)) == (255, 255, 255)
+  assert images.decode(data).getpixel((0, 0)) == (10, 20, 30)
+  grey = _encode(Image.new("L", (2, 2), 40), transparency=40)
+  assert images.decode_for_eval(grey).getpixel((0, 0)) == (255, 255, 255)
+  assert images.decode(grey).getpixel((0, 0)) == (40, 40, 40)
+  i16 = _encode(Image.fromarray(np.array([[0, 200, 32896]], np.uint16)))
+  assert [images.decode_for_eval(i16).getpixel((x, 0))[0] for x in range(3)] == [0, 200, 255]
+  assert [images.decode(i16).getpixel((x, 0))[0] for x in range(3)] == [0, 1, 128]
+  for data in (_rgba_partly_transparent(), _encode(Image.new("LA", (4, 4), (50, 100)))):
+    assert images.decode_for_eval(data).tobytes() == images.decode(data).tobytes()
+  with pytest.raises(images.BadImageError, match="10x201.*max_aspect_ratio=20"):
+    images.decode_for_eval(_thin_png(10, 201))
+  with pytest.raises(images.BadImageError, match="max_pixels=99"):
+    images.decode_for_eval(_encode(Image.new("RGB", (10, 10))), max_pixels=99)
 
 
 def test_preprocess_values_and_centre_crop():

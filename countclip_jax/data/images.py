@@ -2,10 +2,27 @@
 
 `decode` raises `BadImageError` (a ValueError) for anything it cannot turn into an RGB image --
 empty or truncated files, non-images, decompression bombs, strips of extreme aspect ratio -- so
-that callers count and skip the example (by `BadImageError.reason`) instead of crashing a run. `preprocess` is CLIP's eval transform, as in OpenAI's
-and Hugging Face's `CLIPImageProcessor`: shorter side resized (bicubic) to S, centre crop S,
-scaled to [0, 1], normalized by CLIP's mean and std; with `rng` it is the training transform, a
-random resized crop. Arrays are HWC (NHWC batched), like the model's inputs.
+that callers count and skip the example (by `BadImageError.reason`) instead of crashing a run.
+
+Two rules turn bytes into RGB pixels:
+
+* Eval (`decode_for_eval`, `to_rgb_for_eval`, and `preprocess` without `rng`, which evaluate,
+  classification, CountBench, retrieve and explain use): exactly transformers' slow PIL processor
+  `CLIPImageProcessorPil(size={"shortest_edge": S}, crop_size={"height": S, "width": S})` on
+  `PIL.Image.open(bytes)` (transformers 5's plain `CLIPImageProcessor` is its torchvision
+  backend, another resize implementation): the full-size decode (no JPEG `draft`), its
+  `convert_to_rgb` (an image with an alpha band or a `transparency` key, RGB and L included, is
+  composited on white; any other mode is `convert("RGB")`, which clips 16-bit greys), shorter
+  side to S (bicubic, `int(S * long / short)`), centre crop S, * 1/255, CLIP's mean and std. So
+  a `--hf` baseline scores the pixels transformers would give it (tests/test_images.py holds the
+  two within 1e-5 on JPEG and PNG bytes; measured: identical).
+* Training (`decode`, `to_rgb`, and `preprocess` with `rng`; with augmentation off, data/
+  pipeline.py resizes and crops `decode`'s image): JPEGs may decode at 1/2..1/8 scale
+  (`min_size`, several times faster on large photos), alpha bands and transparent palette
+  entries are composited on white (a tRNS colour on RGB or L is not), and 16-bit greys are
+  scaled, not clipped.
+
+Arrays are HWC (NHWC batched), like the model's inputs.
 """
 from __future__ import annotations
 
@@ -60,7 +77,8 @@ def check_aspect_ratio(width: int, height: int,
 
 def decode(data: bytes, *, max_pixels: int = MAX_PIXELS, min_size: int | None = None,
            max_aspect_ratio: float = MAX_ASPECT_RATIO) -> Image.Image:
-  """Image bytes (any format PIL reads; the first frame of animations) -> RGB PIL image.
+  """Image bytes (any format PIL reads; the first frame of animations) -> RGB PIL image, by the
+  training rule (`to_rgb`); `decode_for_eval` is transformers' rule.
 
   min_size: let libjpeg decode JPEGs at 1/2, 1/4 or 1/8 scale while both sides stay >= min_size
     (PIL `draft`): several times faster on large photos that are resized down anyway.
@@ -70,6 +88,19 @@ def decode(data: bytes, *, max_pixels: int = MAX_PIXELS, min_size: int | None = 
   reason "extreme aspect ratio", for a longer side over `max_aspect_ratio` times the shorter
   (also from the header: such a strip costs nothing to refuse).
   """
+  return _decode(data, max_pixels, max_aspect_ratio, min_size, to_rgb)
+
+
+def decode_for_eval(data: bytes, *, max_pixels: int = MAX_PIXELS,
+                    max_aspect_ratio: float = MAX_ASPECT_RATIO) -> Image.Image:
+  """Image bytes -> the RGB image transformers' CLIPImageProcessorPil works on: the full-size
+  decode (never a JPEG `draft`) converted by `to_rgb_for_eval`. The same guards and errors as
+  `decode` (max_pixels and the aspect ratio from the header, BadImageError)."""
+  return _decode(data, max_pixels, max_aspect_ratio, None, to_rgb_for_eval)
+
+
+def _decode(data: bytes, max_pixels: int, max_aspect_ratio: float, min_size: int | None,
+            convert: Callable[[Image.Image], Image.Image]) -> Image.Image:
   data = bytes(data)
   if not data:
     raise BadImageError("Empty image (0 bytes).")
@@ -87,19 +118,34 @@ def decode(data: bytes, *, max_pixels: int = MAX_PIXELS, min_size: int | None = 
     if min_size and isinstance(image, JpegImagePlugin.JpegImageFile):
       image.draft(image.mode, (min_size, min_size))
     image.load()
-    return to_rgb(image)
+    return convert(image)
   except Exception as e:
     raise BadImageError(f"Cannot decode {image.format} image {width}x{height} "
                         f"({len(data)} bytes): {type(e).__name__}: {e}") from e
 
 
 def _open(fp: io.BytesIO) -> Image.Image:
-  """`Image.open` without its pixel check, which warns (process-wide warning state, racy to
-  silence from threads) before `decode` can apply `max_pixels`. Same plugin registry and order."""
+  """`Image.open` without its pixel check, so that `decode` applies `max_pixels` instead.
+
+  Plain `Image.open` cannot keep our guarantees: it runs `_decompression_bomb_check` on every
+  image it identifies, which warns (DecompressionBombWarning) past `Image.MAX_IMAGE_PIXELS` and
+  raises past twice that, before we see the size. `formats=` does not skip it; silencing the
+  warning (`warnings.catch_warnings`) changes process-wide state, racy from the decode threads of
+  retrieve and grain; setting `Image.MAX_IMAGE_PIXELS` (to None, or to our limit) is process-wide
+  too -- it would turn off or move PIL's guard for all other code in the process, and a per-call
+  `max_pixels` over 2 * MAX_IMAGE_PIXELS would still raise. So this is Image.open's own loop over
+  the plugin registry (Image.ID in order, each format's accept() on the first 16 bytes, the
+  factory, skipping the exceptions Image.open skips), without the check. Image.ID and Image.OPEN
+  are the registry `Image.register_open` fills (Pillow 13 here); should a Pillow drop them,
+  plain Image.open is used (then PIL's warning may show for images past its limit).
+  """
   Image.init()
+  formats, openers = getattr(Image, "ID", None), getattr(Image, "OPEN", None)
+  if not isinstance(formats, list) or not isinstance(openers, dict):
+    return Image.open(fp)
   prefix = fp.read(16)
-  for fmt in Image.ID:
-    factory, accept = Image.OPEN[fmt]
+  for fmt in formats:
+    factory, accept = openers[fmt]
     accepted = accept(prefix) if accept else True
     if not accepted or isinstance(accepted, str):  # a str is a "looks like, but" message
       continue
@@ -112,7 +158,7 @@ def _open(fp: io.BytesIO) -> Image.Image:
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-  """Any PIL mode -> RGB.
+  """Any PIL mode -> RGB, by the training rule (`to_rgb_for_eval` is transformers' eval rule).
 
   Transparency (RGBA, LA, PA, P with a transparent colour) is composited on white, as a browser
   shows it on a white page: transparent product shots are common on the web, and the colour
@@ -138,9 +184,26 @@ def to_rgb(image: Image.Image) -> Image.Image:
   return image.convert("RGB")
 
 
+def to_rgb_for_eval(image: Image.Image) -> Image.Image:
+  """Any PIL mode -> RGB exactly as transformers' `image_transforms.convert_to_rgb` (5.x, what
+  CLIPImageProcessorPil's do_convert_rgb runs): an image with an "A" band (RGBA, LA, PA) or a
+  `transparency` entry (P, and RGB or L with a PNG tRNS colour) goes to RGBA and is composited
+  on white; any other mode is PIL's `convert("RGB")` (16-bit and float greys clipped to 0..255,
+  premultiplied La / RGBa not un-premultiplied: unlike `to_rgb`, on purpose, for parity).
+  """
+  if "A" in image.getbands() or image.info.get("transparency") is not None:
+    rgba = image.convert("RGBA")
+    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(white, rgba).convert("RGB")
+  return image if image.mode == "RGB" else image.convert("RGB")  # convert would copy it
+
+
 def resize_center_crop(image: Image.Image, size: int, *,
                        max_aspect_ratio: float = MAX_ASPECT_RATIO) -> Image.Image:
-  """Shorter side to `size` (bicubic), then the centre `size` x `size`, as CLIPImageProcessor.
+  """Shorter side to `size` (bicubic), then the centre `size` x `size`, as CLIPImageProcessorPil:
+  the longer side becomes `int(size * long / short)` (get_resize_output_image_size with
+  default_to_square=False), PIL's resize without reducing_gap, the crop's corner at
+  `(new - size) // 2`.
 
   The resized image has at most `max_aspect_ratio * size**2` pixels: past that ratio it raises
   BadImageError before resizing. (Cropping first, with `resize(box=...)`, would bound it to
@@ -204,20 +267,24 @@ def preprocess(image: Image.Image | bytes, size: int = 224, *,
                ) -> np.ndarray:
   """Image or its bytes -> float32 (size, size, 3), CLIP-normalized.
 
-  Without `rng`: CLIP's eval transform (resize shorter side, centre crop). With `rng`: the
-  training augmentation `random_resized_crop(scale, ratio)`. Bytes go through `decode` (and
-  raise BadImageError); JPEGs are decoded at the smallest scale that keeps enough pixels. An image
-  past `max_aspect_ratio` raises BadImageError("extreme aspect ratio ...") either way, with or
-  without `rng`, so that an image gets one verdict whichever transform or input kind it meets.
+  Without `rng`: CLIP's eval transform, transformers' CLIPImageProcessorPil at `size` on the
+  image (bytes: on `PIL.Image.open(bytes)`): `decode_for_eval` / `to_rgb_for_eval` (full-size
+  decode, HF's transparency rule), resize shorter side, centre crop. With `rng`: the training
+  augmentation `random_resized_crop(scale, ratio)` on `decode` / `to_rgb` (JPEGs decoded at the
+  smallest scale that keeps enough pixels, the training transparency rule). Bytes raise
+  BadImageError when they do not decode. An image past `max_aspect_ratio` raises
+  BadImageError("extreme aspect ratio ...") either way, with or without `rng`, so that an image
+  gets one verdict whichever transform or input kind it meets.
   """
   augment = rng is not None
   if isinstance(image, Image.Image):
-    check_aspect_ratio(*image.size, max_aspect_ratio)  # before to_rgb converts all its pixels
-    image = to_rgb(image)
-  else:
-    min_size = math.ceil(size / math.sqrt(scale[0])) if augment else size
-    image = decode(image, max_pixels=max_pixels, min_size=min_size,
+    check_aspect_ratio(*image.size, max_aspect_ratio)  # before converting all its pixels
+    image = to_rgb(image) if augment else to_rgb_for_eval(image)
+  elif augment:
+    image = decode(image, max_pixels=max_pixels, min_size=math.ceil(size / math.sqrt(scale[0])),
                    max_aspect_ratio=max_aspect_ratio)
+  else:
+    image = decode_for_eval(image, max_pixels=max_pixels, max_aspect_ratio=max_aspect_ratio)
   if augment:
     image = random_resized_crop(image, size, rng, scale, ratio)
   else:

@@ -287,6 +287,8 @@ def _pixels(image, size: int, rng: np.random.Generator | None) -> np.ndarray:
     if image.shape != (size, size, 3):
       raise ValueError(f"Synthetic image of shape {image.shape}, expected {(size, size, 3)}.")
     return images.normalize(image)
+  if rng is None:  # augment off: decoded by the training rule already; only resize and crop
+    return images.normalize(np.asarray(images.resize_center_crop(image, size)))
   return images.preprocess(image, size, rng=rng)
 
 
