@@ -73,7 +73,7 @@ def small_config():
 
 def test_sharded_step_equals_one_device(tokenizer):
   ref_params, ref_metrics = run_steps(small_config(), tokenizer, (1, 1, 1), jax.devices()[:1])
-  for mesh_cfg in [(8, 1, 1), (4, 2, 1), (2, 2, 2)]:
+  for mesh_cfg in [(4, 2, 1), (2, 2, 2)]:  # every axis (8-way data parallel: test_main)
     params, metrics = run_steps(small_config(), tokenizer, mesh_cfg)
     np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-5)
     np.testing.assert_allclose(metrics["count_loss"], ref_metrics["count_loss"], rtol=1e-5)
