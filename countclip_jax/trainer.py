@@ -43,7 +43,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
   t = config.train
   if config.model.dtype not in DTYPES:
     raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {config.model.dtype!r}")
-  ranges = {  # field: (test, the rule); `not (x > 0)` also refuses nan
+  ranges = {  # field: (test, the rule); a nan fails every comparison, so every rule
       "train.steps": (t.steps >= 1, ">= 1"), "train.batch_size": (t.batch_size >= 1, ">= 1"),
       "train.grad_accum": (t.grad_accum >= 1, ">= 1"),
       "train.log_every": (t.log_every >= 1, ">= 1"),
