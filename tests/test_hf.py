@@ -13,6 +13,7 @@ import transformers
 from safetensors.numpy import load_file, save_file
 
 from countclip_jax import models
+from countclip_jax.models import hf
 from conftest import make_torch_clip, sample_inputs
 
 
@@ -270,3 +271,23 @@ def test_hub_ids_go_through_huggingface_hub(hf_checkpoint, monkeypatch):
   assert requested == [("someone/tiny-clip", "config.json", "main"),
                        ("someone/tiny-clip", "model.safetensors", "main")]
   assert model.config.projection_dim in (16, 24)
+
+
+def test_a_pickle_only_hub_repo_is_refused_without_downloading_the_pickle(tmp_path, monkeypatch):
+  import huggingface_hub
+  (tmp_path / "config.json").write_text(json.dumps({"model_type": "clip"}))
+  files = {"config.json", "pytorch_model.bin"}
+  downloaded = []
+
+  def fake_download(repo_id, filename, revision=None):
+    downloaded.append(filename)
+    if filename != "config.json":  # the weights it has are pickles
+      raise huggingface_hub.errors.EntryNotFoundError(filename)
+    return str(tmp_path / filename)
+
+  monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+  monkeypatch.setattr(huggingface_hub, "file_exists",
+                      lambda repo_id, filename, revision=None: filename in files)
+  with pytest.raises(hf.CheckpointError, match="only has pytorch_model.bin: pickle files are"):
+    models.load_pretrained("someone/pickled-clip")
+  assert "pytorch_model.bin" not in downloaded

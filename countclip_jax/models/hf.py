@@ -170,6 +170,14 @@ class _Directory:
     else:
       self.is_hub = True
 
+  def has(self, filename: str) -> bool:
+    """Whether the checkpoint holds `filename`, without downloading it (a hub repo's pickle
+    weights are only named in the refusal, never fetched)."""
+    if self.is_hub:
+      import huggingface_hub  # pylint: disable=g-import-not-at-top
+      return huggingface_hub.file_exists(self.name, filename, revision=self.revision)
+    return (self.root / filename).exists()
+
   def local_file(self, filename: str) -> str | None:
     """A local path to `filename` (downloaded or copied if needed), or None if absent."""
     if self.is_hub:
@@ -224,7 +232,7 @@ def load_pretrained(name_or_path: str, *, dtype=jnp.float32, param_dtype=jnp.flo
       return model, params_from_msgpack(f.read(), shapes, param_dtype,
                                         f"{name_or_path}/{MSGPACK}")
   else:
-    pickled = [p for p in PICKLES if directory.local_file(p) is not None]
+    pickled = [p for p in PICKLES if directory.has(p)]
     if pickled:
       raise CheckpointError(
           f"{name_or_path} only has {', '.join(pickled)}: pickle files are refused (they can run "
