@@ -120,7 +120,8 @@ class Attention(nn.Module):
   explain: compute the softmax probabilities explicitly (B, heads, N, N), add the zero
     perturbation 'attn_probs' to them (grads w.r.t. the 'perturbations' collection are then
     d out / d probs) and sow them in 'intermediates', for relevancy maps (explain.py). Off, the
-    fused `jax.nn.dot_product_attention` runs (cuDNN on GPU) and no probabilities exist.
+    fused `jax.nn.dot_product_attention` runs (its default implementation, XLA's, on every
+    backend: cuDNN's is not chosen until it is measured on a GPU) and no probabilities exist.
   """
   width: int
   heads: int
