@@ -120,7 +120,7 @@ def _flat(config: ml_collections.ConfigDict | dict) -> dict[str, Any]:
 
 def check_resume(workdir: epath.Path, config, fields: tuple[str, ...]) -> dict[str, tuple]:
   """Refuses a resume that changes any of `fields` (shapes and meaning of the checkpoints);
-  returns the other changed fields {name: (before, now)}, which are allowed and logged."""
+  returns the other changed fields {name: (before, now)}, which are allowed (log_changes)."""
   recorded = workdir / CONFIG
   if not recorded.exists():
     logging.warning("%s has checkpoints but no %s: resuming without checking that the config "
@@ -135,9 +135,14 @@ def check_resume(workdir: epath.Path, config, fields: tuple[str, ...]) -> dict[s
                           for k in refused)
     raise UserError(f"cannot resume {workdir} with a different {', '.join(refused)} ({described})."
                     " Use a new --workdir, or the recorded values")
+  return changed
+
+
+def log_changes(changed: dict[str, tuple]) -> None:
+  """The allowed changes of a resume, once every check has passed (a refused run prints only
+  its error)."""
   for k, (a, b) in changed.items():
     logging.warning("Resuming with %s changed: %r -> %r", k, a, b)
-  return {k: v for k, v in changed.items() if k not in refused}
 
 
 def record_start(workdir: epath.Path, config, start_step: int | None) -> None:

@@ -323,9 +323,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     validate(config)
     task = tasks.get(config.task)
     preflight.check_init(config.model.init)
-    resume_step = checkpoints.latest_step(str(workdir))
+    resume_step, changed = checkpoints.latest_step(str(workdir)), {}
     if resume_step is not None:  # a resume: the checkpoint holds the weights
-      preflight.check_resume(workdir, config, preflight.RESUME_FIELDS + task.resume_fields)
+      changed = preflight.check_resume(workdir, config,
+                                       preflight.RESUME_FIELDS + task.resume_fields)
     tokenizer, tokenizer_source = load_tokenizer(config, workdir)
     if resume_step is not None:
       model, pretrained = task.model_from_workdir(config, str(workdir)), None
@@ -334,6 +335,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     preflight.check_text_fits(tokenizer, task.text_config(model), tokenizer_source)
     shapes = param_shapes(task, model)
     tx, schedule = make_optimizer(config, shapes)
+  preflight.log_changes(changed)
   logging.info("Config:\n%s", config)
   prepare_workdir(task, model, config, workdir, tokenizer, resume_step)
   primary = jax.process_index() == 0

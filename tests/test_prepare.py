@@ -395,17 +395,17 @@ def test_the_bad_input_corpus_in_bounded_memory(tmp_path, webdataset_tar):
                    ("c.png", thin_png(60_000, 3)), ("c.txt", b"three rails")])
   out = tmp_path / "out"
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  # The command in a child that reports its own peak (RUSAGE_CHILDREN here would be the
-  # largest of every child this test worker ever waited for).
-  measure = ("import resource, runpy, sys; sys.argv = sys.argv[1:]\n"
+  # The command in a child that reports its own peak, VmHWM: ru_maxrss would count this test
+  # worker's memory too (Linux carries the high-water mark across fork and exec).
+  measure = ("import runpy, sys; sys.argv = sys.argv[1:]\n"
              "try: runpy.run_module('countclip_jax.data.prepare', run_name='__main__')\n"
              "except SystemExit as e: assert not e.code, e.code\n"
-             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+             "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])")
   result = subprocess.run([sys.executable, "-c", measure, "prepare", "--input",
                            f"{thin},{webdataset_tar}", "--output_dir", str(out),
                            "--num_shards", "4"],
                           cwd=root, check=True, capture_output=True, text=True, timeout=300)
-  peak_bytes = int(result.stdout.split()[-1]) * 1024  # KiB on Linux
+  peak_bytes = int(result.stdout.split()[-1]) * 1024  # kB
   assert peak_bytes < 2**30, f"peak memory {peak_bytes / 2**20:.0f} MiB"
   stats = json.loads((out / "stats.json").read_text())
   assert stats["skipped"] == {

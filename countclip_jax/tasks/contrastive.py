@@ -128,7 +128,7 @@ def features(params, batch, model: CLIP) -> dict:
           "general_image": normalize(apply("encode_image", general["image"])),
           "count_text": texts[:num_count],
           "general_text": texts[num_count:num_count + num_general],
-          "cf_text": texts[num_count + num_general:].reshape(num_count, k, -1)}
+          "cf_text": texts[num_count + num_general:].reshape(num_count, k, texts.shape[-1])}
 
 
 def loss_from_features(params, f: dict, count_config, logits_sharding=None):
