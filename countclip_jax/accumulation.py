@@ -22,7 +22,8 @@ import jax.numpy as jnp
 
 from countclip_jax import tasks
 
-GradFn = Callable[[Any, Any, jax.Array], tuple[Any, dict]]  # (params, batch, step) -> grads, metrics
+# (params, batch, step) -> (grads, metrics)
+GradFn = Callable[[Any, Any, jax.Array], tuple[Any, dict]]
 
 
 def micro_batches(tree, accum: int):

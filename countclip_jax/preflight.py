@@ -15,6 +15,7 @@ import jax
 import ml_collections
 from absl import logging
 from etils import epath
+from flax import traverse_util
 
 from countclip_jax import checkpoints
 from countclip_jax.cli import UserError
@@ -105,17 +106,9 @@ def check_text_fits(tokenizer, text_config, where: str) -> None:
 
 
 def _flat(config: ml_collections.ConfigDict | dict) -> dict[str, Any]:
-  tree = json.loads(config.to_json_best_effort()) if hasattr(config, "to_json_best_effort") \
-      else config
-  out = {}
-  def walk(prefix, node):
-    for key, value in node.items():
-      if isinstance(value, dict):
-        walk(f"{prefix}{key}.", value)
-      else:
-        out[prefix + key] = value
-  walk("", tree)
-  return out
+  """{"train.lr": 1e-5, ...}: a config, or its JSON record, by dotted field name."""
+  tree = config if isinstance(config, dict) else json.loads(config.to_json_best_effort())
+  return traverse_util.flatten_dict(tree, sep=".")
 
 
 def check_resume(workdir: epath.Path, config, fields: tuple[str, ...]) -> dict[str, tuple]:

@@ -160,24 +160,9 @@ def _cli(*args, cwd):
 
 
 @pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
-  """A random tiny CLIP exported in Hugging Face format, as `--hf` takes it."""
-  import dataclasses
-  import jax
-  from countclip_jax import models
-  from countclip_jax.models import clip
-  from countclip_jax.text.tokenizer import build_tokenizer
-  tokenizer = build_tokenizer(["two three red blue stars circles"], context_length=16)
-  arch = models.ARCHITECTURES["tiny"]
-  model = models.CLIP(dataclasses.replace(arch, text=dataclasses.replace(
-      arch.text, vocab_size=tokenizer.vocab_size, eos_token_id=tokenizer.eos_token_id)))
-  # Random normal weights from the shapes alone: model.init runs op by op, ~10x slower.
-  rng = np.random.default_rng(0)
-  params = jax.tree_util.tree_map(lambda s: rng.normal(0, 0.2, s.shape).astype(s.dtype),
-                                  clip.param_shapes(model))
-  out = str(tmp_path_factory.mktemp("hf"))
-  models.export_hf(model, params, out, tokenizer=tokenizer)
-  return out
+def hf_dir(tiny_export):
+  """A random tiny CLIP exported in Hugging Face format, as `--hf` takes it (conftest.py)."""
+  return tiny_export
 
 
 def test_command_line(hf_dir, tmp_path, monkeypatch, capsys):
