@@ -180,10 +180,11 @@ def make_train_step(task: tasks.Task, model, tx, schedule, config, mesh,
     # finite gradient can still make a non-finite update), so no checkpoint holds a nan.
     finite = (jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
               & _all_finite(params) & _all_finite(opt_state))
-    keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)
+    # One conditional picks the whole tree: a select per leaf compiles ~3x slower on XLA:CPU.
+    params, opt_state = jax.lax.cond(finite, lambda: (params, opt_state),
+                                     lambda: (state.params, state.opt_state))
     new_state = TrainState(
-        step=state.step + 1, params=keep(params, state.params),
-        opt_state=keep(opt_state, state.opt_state),
+        step=state.step + 1, params=params, opt_state=opt_state,
         nonfinite=jnp.where(finite, 0, state.nonfinite + 1),
         skipped=state.skipped + (~finite).astype(jnp.int32))
     metrics = {**metrics, "grad_norm": grad_norm, "lr": schedule(state.step),
@@ -321,6 +322,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   workdir = epath.Path(workdir)
   with cli.user_errors(ValueError, FileNotFoundError, NotADirectoryError):
     validate(config)
+    # Before anything compiles: JAX opens its cache at the first compile and keeps it.
+    if (cache := use_compilation_cache(config.train.compilation_cache)) is not None:
+      logging.info("Compilation cache: %s", cache)
     task = tasks.get(config.task)
     preflight.check_init(config.model.init)
     resume_step, changed = checkpoints.latest_step(str(workdir)), {}
@@ -339,8 +343,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   logging.info("Config:\n%s", config)
   prepare_workdir(task, model, config, workdir, tokenizer, resume_step)
   primary = jax.process_index() == 0
-  if (cache := use_compilation_cache(config.train.compilation_cache)) is not None:
-    logging.info("Compilation cache: %s", cache)
 
   # ---- Mesh.
   mesh = sharding.make_mesh(config.mesh)
