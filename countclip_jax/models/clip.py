@@ -114,14 +114,36 @@ _zeros = lambda *names: nn.with_logical_partitioning(nn.initializers.zeros_init(
 _ones = lambda *names: nn.with_logical_partitioning(nn.initializers.ones_init(), names)
 
 
+def attention_implementation(dtype, head_dim: int, masked: bool) -> str | None:
+  """`jax.nn.dot_product_attention`'s implementation for this backend: cuDNN's fused kernel on
+  a GPU where it applies (16-bit inputs, head_dim a multiple of 8 up to 128, no mask beyond the
+  causal one), XLA's (None) everywhere else, the CPU included."""
+  if (jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+      and head_dim % 8 == 0 and head_dim <= 128 and not masked):
+    return "cudnn"
+  return None
+
+
+def fused_attention(q, k, v, mask, causal):
+  """Attention over (B, T, heads, head_dim) with the backend's best kernel; jax checks cuDNN's
+  constraints (version, layout, sizes) when it traces, and what it refuses runs on XLA's."""
+  implementation = attention_implementation(q.dtype, q.shape[-1], mask is not None)
+  if implementation is not None:
+    try:
+      return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal,
+                                          implementation=implementation)
+    except (NotImplementedError, ValueError, RuntimeError):
+      pass
+  return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal)
+
+
 class Attention(nn.Module):
   """HF CLIPAttention: q/k/v/out projections with biases, queries scaled by head_dim**-0.5.
 
   explain: compute the softmax probabilities explicitly (B, heads, N, N), add the zero
     perturbation 'attn_probs' to them (grads w.r.t. the 'perturbations' collection are then
-    d out / d probs) and sow them in 'intermediates', for relevancy maps (explain.py). Off, the
-    fused `jax.nn.dot_product_attention` runs (its default implementation, XLA's, on every
-    backend: cuDNN's is not chosen until it is measured on a GPU) and no probabilities exist.
+    d out / d probs) and sow them in 'intermediates', for relevancy maps (explain.py). Off,
+    `fused_attention` runs and no probabilities exist.
   """
   width: int
   heads: int
@@ -146,7 +168,7 @@ class Attention(nn.Module):
     if self.explain:
       y = self._explicit(q, k, v, mask, causal)
     else:
-      y = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal)
+      y = fused_attention(q, k, v, mask, causal)
     y = y.reshape(y.shape[:-2] + (self.width,))
     return dense("out_proj", self.width ** -0.5, ("heads", "embed"))(y)
 

@@ -40,7 +40,7 @@ import numpy as np
 
 from countclip_jax.models.clip import (ARCHITECTURES, CLIPConfig, Encoder, EncoderLayer,
                                        VisionEmbeddings, _init, _layer_norm, _ones, _zeros,
-                                       eot_positions, normalize, remat_layer)
+                                       eot_positions, fused_attention, normalize, remat_layer)
 
 Dtype = Any
 
@@ -342,7 +342,7 @@ class _Attention(nn.Module):
     q = split(_dense(self.width, ("embed", "heads"), "q_proj", kw)(x))
     k = split(_dense(self.width, (self.kv_axis, "heads"), "k_proj", kw)(y))
     v = split(_dense(self.width, (self.kv_axis, "heads"), "v_proj", kw)(y))
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask)
+    out = fused_attention(q, k, v, mask, False)
     return _dense(self.width, ("heads", "embed"), "out_proj", kw)(
         out.reshape(out.shape[:-2] + (self.width,)))
 
