@@ -366,17 +366,25 @@ def build(args, variant: Variant, compile_only: bool = False) -> Bench:
   config = make_config(args, variant)
   tokenizer = tokenizer_for(args.arch)
   trainer.validate(config)
-  mesh = sharding.make_mesh(config.mesh)
   model = _model(config, tokenizer, variant)
-  task = contrastive.TASK
+  length = variant.text or getattr(args, "text_length", None)
+  image_size = model.config.vision.image_size
+  host_batches = lambda: [host_batch(config, tokenizer, image_size, seed, length)
+                          for seed in range(4)]
+  return build_step(contrastive.TASK, model, config, host_batch(
+      config, tokenizer, image_size, length=length), variant, compile_only, host_batches)
+
+
+def build_step(task, model, config, example: dict, variant: Variant, compile_only: bool = False,
+               host_batches: Callable[[], list] | None = None) -> Bench:
+  """Any task's train step, as the trainer builds it over a mesh of all devices, lowered and
+  compiled for `example` (this process's share of a batch), with a fresh random state."""
+  mesh = sharding.make_mesh(config.mesh)
   shapes = trainer.param_shapes(task, model)
   tx, schedule = trainer.make_optimizer(config, shapes)
   state_shapes, shardings = trainer.state_layout(task, model, tx, mesh)
   step = trainer.make_train_step(task, model, tx, schedule, config, mesh, shardings)
   batch_sharding = task.batch_shardings(mesh)
-  image_size = model.config.vision.image_size
-  length = variant.text or getattr(args, "text_length", None)
-  example = host_batch(config, tokenizer, image_size, length=length)
   abstract = lambda tree, sh: jax.tree_util.tree_map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh)
 
@@ -396,7 +404,7 @@ def build(args, variant: Variant, compile_only: bool = False) -> Bench:
   if not compile_only:
     state = trainer.init_state(task, model, tx, None, jax.random.key(0), mesh, shardings)
     if variant.feed == "host":
-      batches = [host_batch(config, tokenizer, image_size, seed, length) for seed in range(4)]
+      batches = host_batches() if host_batches else [example]
     else:
       batches = [pipeline.global_batch(example, batch_sharding)]
   return Bench(variant, model, config, compiled, state, batches, batch_sharding, lower_seconds,

@@ -1,0 +1,54 @@
+"""benchmarks/accelerator.sh: its --smoke run end to end on this CPU, and its table's arithmetic."""
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+
+def test_the_accelerator_script_runs_end_to_end_in_smoke_mode(tmp_path):
+  out = tmp_path / "results"
+  result = subprocess.run(["bash", "benchmarks/accelerator.sh", "--smoke", "--out", str(out),
+                           "--repeats", "1", "--window_s", "0.05"], cwd=ROOT,
+                          env={**os.environ, "PYTHON": sys.executable}, capture_output=True,
+                          text=True, timeout=600)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  results = json.loads((out / "results.json").read_text())
+  ok = {(r["case"], r["per_device_batch"]) for r in results["cases"] if r["status"] == "ok"}
+  assert ok == {("tiny", 4), ("tiny", 8), ("density_tiny", 4)}, results["cases"]
+  for row in results["cases"]:
+    assert row["step_s"] > 0 and row["compile_s"] > 0 and row["flops_per_step"] > 0, row
+  assert results["environment"]["probe_peak"] > 0
+  table = (out / "results.md").read_text()
+  assert "| case | batch/device | step ms |" in table and "| density_tiny | 4 |" in table
+  assert (out / "log.txt").exists()
+
+
+def test_the_table_divides_by_the_right_peaks():
+  import accelerator  # pylint: disable=g-import-not-at-top
+  env = {"device_kind": "NVIDIA H200", "platform": "gpu", "devices": 2, "jax": "x", "utc": "t",
+         "datasheet_bf16_peak": 1000e12, "probe_peak": 500e12, "cpu": "c", "cpus": 16}
+  ok = {"case": "b32", "per_device_batch": 256, "status": "ok", "step_s": 0.1,
+        "examples_per_s_per_device": 2630.0, "flops_per_step": 40e12, "flops_source": "counted",
+        "compile_s": 12.0, "compiled_bytes": 2 ** 31, "peak_bytes_in_use": 2 ** 32}
+  table = accelerator.markdown(env, [ok, {"case": "b32", "per_device_batch": 512,
+                                          "status": "out of memory"}])
+  # 40 TFLOP a step over 0.1 s on 2 devices: 200 TFLOP/s each, 20% of 1000 and 40% of 500.
+  assert "| b32 | 256 | 100.0 | 2,630.0 | 20.0% | 40.0% | counted | 12.0 | 2.00 | 4.00 | 1.00x |" \
+      in table, table
+  assert "| b32 | 512 | out of memory |" in table
+  assert accelerator.is_out_of_memory(RuntimeError("RESOURCE_EXHAUSTED: Out of memory while"))
+  assert not accelerator.is_out_of_memory(ValueError("bad shape"))
+
+
+def test_a_host_without_the_jax_stack_is_told_so(tmp_path):
+  fake = tmp_path / "python"  # a Python on which every module but jax is found
+  fake.write_text(f"#!/bin/sh\nexec {sys.executable} -c \"import sys\n"
+                  f"print(' '.join(n for n in sys.argv[1:] if n == 'jax'))\" \"$@\"\n")
+  fake.chmod(0o755)
+  result = subprocess.run(["bash", "benchmarks/accelerator.sh", "--smoke", "--out",
+                           str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "PYTHON": str(fake)}, timeout=60)
+  assert result.returncode == 2 and "lacks jax:" in result.stderr, result.stderr
