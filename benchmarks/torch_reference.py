@@ -2,6 +2,8 @@ r"""The same train step in PyTorch (transformers' CLIPModel), and JAX vs PyTorch
 
   python benchmarks/torch_reference.py --arch b32 --batch_size 8                # PyTorch alone
   python benchmarks/torch_reference.py --arch b32 --batch_size 8 --mode both    # ratio, one run
+  python benchmarks/torch_reference.py --arch b32 --batch_size 8 --mode both --compile \
+      --adamw default fused    # + torch.compile (inductor) of each, all interleaved
 
 The PyTorch step does what trainer.make_train_step does, with transformers' `CLIPModel`
 (random init from a `CLIPConfig` made by models.hf.config_to_hf from the same architecture: no
@@ -57,7 +59,8 @@ class TorchStep:
   """One training step of L_clip + λ L_count with transformers' CLIPModel and AdamW."""
 
   def __init__(self, arch: str, batch: dict, adamw: str = "default", lam: float = 1.0,
-               count_scale: float | None = 1.0, lr: float = 1e-5, seed: int = 0):
+               count_scale: float | None = 1.0, lr: float = 1e-5, seed: int = 0,
+               compile: bool = False):  # pylint: disable=redefined-builtin
     tokenizer = jax_bench.tokenizer_for(arch)
     config = models.ARCHITECTURES[arch]
     config = type(config)(text=type(config.text)(**{
@@ -90,6 +93,11 @@ class TorchStep:
         [c["text"], g["text"], c["cf_text"].reshape(-1, length)]).astype(np.int64))
     self.batch_size = self.images.shape[0]
     self.skipped = 0
+    # torch.compile (inductor) as a PyTorch user would apply it to this loop: the loss (forward,
+    # and through AOTAutograd its backward) and the optimizer update, each one compiled graph.
+    self._loss, self._update = self.loss, self.update
+    if compile:
+      self._loss, self._update = torch.compile(self.loss), torch.compile(self.update)
 
   def loss(self):
     m = self.model
@@ -111,15 +119,18 @@ class TorchStep:
     count = (torch.logsumexp(torch.cat([pos[:, None], neg], 1), 1) - pos).mean()
     return clip + self.lam * count
 
+  def update(self):
+    self.optimizer.step()
+    with torch.no_grad():
+      self.model.logit_scale.clamp_(max=MAX_LOGIT_SCALE)
+
   def step(self) -> float:
     self.optimizer.zero_grad(set_to_none=True)
-    loss = self.loss()
+    loss = self._loss()
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(self.params, 1.0)
     if bool(torch.isfinite(loss) & torch.isfinite(grad_norm)):
-      self.optimizer.step()
-      with torch.no_grad():
-        self.model.logit_scale.clamp_(max=MAX_LOGIT_SCALE)
+      self._update()
     else:
       self.skipped += 1
     return float(loss.detach())
@@ -143,6 +154,14 @@ def torch_matmul_probe(size: int):
   return probe
 
 
+def cpu_model() -> str:
+  with open("/proc/cpuinfo") as f:
+    fields = dict(line.split(":", 1) for line in f if ":" in line)
+  return " ".join(f"{fields.get(k, '?').strip()}" for k in ("model name",)) + (
+      f" (family {fields.get('cpu family', '?').strip()} model {fields.get('model', '?').strip()}"
+      f", {os.cpu_count()} CPUs)")
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--arch", default="b32", choices=sorted(models.ARCHITECTURES))
@@ -155,6 +174,8 @@ def main(argv=None) -> int:
   parser.add_argument("--adamw", nargs="+", default=["default"],
                       choices=("default", "foreach", "fused"),
                       help="torch AdamW implementation(s); several are interleaved")
+  parser.add_argument("--compile", action="store_true",
+                      help="also torch.compile (inductor) each AdamW contender, interleaved")
   parser.add_argument("--jax_variant", default="", help="train_step.py variant spec for JAX")
   parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
   parser.add_argument("--warmup", type=int, default=2)
@@ -164,6 +185,7 @@ def main(argv=None) -> int:
   torch.set_num_threads(args.threads)
   transformers.logging.set_verbosity_error()
 
+  print(f"# CPU: {cpu_model()}", flush=True)
   print(f"# {jax_bench.describe(args)}; torch {torch.__version__} ({args.threads} threads, "
         f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}), transformers {transformers.__version__}; {jax_bench.load_note()}", flush=True)
   config = jax_bench.make_config(args, jax_bench.parse_variant("", jax_bench.Variant("")))
@@ -172,12 +194,16 @@ def main(argv=None) -> int:
   batch = jax_bench.host_batch(config, tokenizer, size, length=args.text_length)
   contenders, steps = {}, {}
   for impl in args.adamw:
-    ref = TorchStep(args.arch, batch, adamw=impl)
-    start = time.perf_counter()
-    ref.run(args.warmup)
-    print(f"# torch (AdamW {impl}, attention {ref.attn_implementation}): warm-up "
-          f"{(time.perf_counter() - start) / max(args.warmup, 1):.2f} s/step", flush=True)
-    contenders[f"torch/{impl}"] = jax_bench.timed(lambda ref=ref: ref.run(1), 1)
+    for compiled in (False, True) if args.compile else (False,):
+      ref = TorchStep(args.arch, batch, adamw=impl, compile=compiled)
+      name = f"torch{'.compile' if compiled else ''}/{impl}"
+      start = time.perf_counter()
+      ref.run(1)  # torch.compile compiles here
+      first = time.perf_counter() - start
+      ref.run(max(args.warmup - 1, 0))
+      print(f"# {name} (attention {ref.attn_implementation}): first step {first:.1f} s",
+            flush=True)
+      contenders[name] = jax_bench.timed(lambda ref=ref: ref.run(1), 1)
   probes = {"torch_peak": torch_matmul_probe(args.peak_size)}
   flops = jax_bench.model_flops(models.ARCHITECTURES[args.arch], jax_bench.text_length(args),
                                 args.batch_size, args.fraction, args.num_counterfactuals)
