@@ -145,20 +145,12 @@ def sweep(cases, smoke: bool, budget: float, repeats: int, window: float) -> lis
   return rows
 
 
-def cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-  except (OSError, StopIteration):
-    return platform.processor() or platform.machine()
-
-
 def environment(probe_flops: float) -> dict:
   device = jax.devices()[0]
   return {"device_kind": device.device_kind, "platform": device.platform,
           "devices": jax.device_count(), "jax": jax.__version__,
           "python": platform.python_version(), "host": platform.node(),
-          "cpu": cpu_model(), "cpus": os.cpu_count(),
+          "cpu": ts.cpu_model(), "cpus": os.cpu_count(),
           "datasheet_bf16_peak": DATASHEET_PEAKS.get(device.device_kind),
           "probe_peak": probe_flops, "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
@@ -168,7 +160,7 @@ def markdown(env: dict, rows: list[dict]) -> str:
   peaks = (f"datasheet {sheet / 1e12:.0f} TFLOP/s" if sheet else "datasheet unknown")
   lines = [f"{n} x {env['device_kind']} ({env['platform']}), jax {env['jax']}, {env['utc']}; "
            f"bf16 peak per device: {peaks}, matmul probe {probe / 1e12:.1f} TFLOP/s; host CPU "
-           f"{env['cpu']} ({env['cpus']} cores).", "",
+           f"{env['cpu']}.", "",
            "| case | batch/device | step ms | ex/s/device | MFU (datasheet) | MFU (probe) "
            "| FLOPs | compile s | compiled GiB | peak GiB | vs NeMo B/32 per H100 |",
            "|---|---|---|---|---|---|---|---|---|---|---|"]

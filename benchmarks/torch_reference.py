@@ -154,14 +154,6 @@ def torch_matmul_probe(size: int):
   return probe
 
 
-def cpu_model() -> str:
-  with open("/proc/cpuinfo") as f:
-    fields = dict(line.split(":", 1) for line in f if ":" in line)
-  return " ".join(f"{fields.get(k, '?').strip()}" for k in ("model name",)) + (
-      f" (family {fields.get('cpu family', '?').strip()} model {fields.get('model', '?').strip()}"
-      f", {os.cpu_count()} CPUs)")
-
-
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--arch", default="b32", choices=sorted(models.ARCHITECTURES))
@@ -185,7 +177,7 @@ def main(argv=None) -> int:
   torch.set_num_threads(args.threads)
   transformers.logging.set_verbosity_error()
 
-  print(f"# CPU: {cpu_model()}", flush=True)
+  print(f"# CPU: {jax_bench.cpu_model()}", flush=True)
   print(f"# {jax_bench.describe(args)}; torch {torch.__version__} ({args.threads} threads, "
         f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}), transformers {transformers.__version__}; {jax_bench.load_note()}", flush=True)
   config = jax_bench.make_config(args, jax_bench.parse_variant("", jax_bench.Variant("")))

@@ -511,6 +511,17 @@ def timed(fn: Callable[[], Any], steps: int, faults: list | None = None) -> Call
   return run
 
 
+def cpu_model() -> str:
+  """/proc/cpuinfo's model name, family and model (CPUs of one name differ: Zen 3 vs Zen 4)."""
+  fields = {}
+  with open("/proc/cpuinfo") as f:
+    for line in f:
+      key, _, value = line.partition(":")
+      fields.setdefault(key.strip(), value.strip())
+  return (f"{fields.get('model name', '?')} (family {fields.get('cpu family', '?')} model "
+          f"{fields.get('model', '?')}, {os.cpu_count()} CPUs)")
+
+
 def load_note() -> str:
   load = os.getloadavg()
   return (f"{os.cpu_count()} CPUs, load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} "
