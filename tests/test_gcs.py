@@ -92,9 +92,9 @@ def children(tmp_path):
 
 
 @pytest.fixture
-def jax_env(tmp_path):
-  # A compilation cache per test: a run that resumes does not compile the step again.
-  return {**os.environ, **JAX_ENV, "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax-cache")}
+def jax_env():
+  # os.environ carries conftest's compilation cache: a run that resumes does not compile again.
+  return {**os.environ, **JAX_ENV}
 
 
 @pytest.fixture
