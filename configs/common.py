@@ -18,6 +18,9 @@ def base() -> ml_collections.ConfigDict:
   # nothing) | a jax.checkpoint_policies name (models/clip.py REMAT_POLICIES), e.g.
   # "dots_with_no_batch_dims_saveable" (keep the weight matmuls: less recompute, more memory).
   c.model.remat = ml_collections.FieldReference(False, field_type=object)
+  # The encoder layers under nn.scan, params stacked per tower (models/clip.py scanned_layers):
+  # compile time flat in depth, the usual layout on TPU. HF files in and out are unchanged.
+  c.model.scan_layers = False
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "synthetic"  # synthetic | records | tfds

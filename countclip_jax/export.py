@@ -45,7 +45,8 @@ def load_run(workdir: str, step: int | None = None):
   """(model, params, tokenizer) of a training run, from its workdir alone."""
   root = epath.Path(workdir)
   model = load_model(workdir)
-  params = checkpoints.restore_params(workdir, step)
+  # A run with model.scan_layers holds its layers stacked; every command takes HF's layout.
+  params = hf.unstack_layers(checkpoints.restore_params(workdir, step))
   tokenizer = Tokenizer.from_pretrained(str(root / "tokenizer"),
                                         model.config.text.context_length)
   return model, params, tokenizer

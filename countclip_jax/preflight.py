@@ -26,7 +26,10 @@ HISTORY = "config_history"  # one file per start: how every checkpoint was train
 TOKENIZER = "tokenizer"  # the run's tokenizer, shared by resumes, evals and exports
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "flax_model.msgpack")
 # Fields a resume may not change: the task's resume_fields are added (shapes and meaning).
-RESUME_FIELDS = ("task", "model.init", "model.arch", "data.context_length", "data.tokenizer")
+RESUME_FIELDS = ("task", "model.init", "model.arch", "model.scan_layers", "data.context_length",
+                 "data.tokenizer")
+# Fields added since older runs were recorded, with the value those runs had.
+RECORD_DEFAULTS = {"model.scan_layers": False}
 
 
 def _is_directory_path(name: str) -> bool:
@@ -120,6 +123,7 @@ def check_resume(workdir: epath.Path, config, fields: tuple[str, ...]) -> dict[s
                     "matches them", workdir, CONFIG)
     return {}
   before, now = _flat(json.loads(recorded.read_text())), _flat(config)
+  before = {**RECORD_DEFAULTS, **before}
   changed = {k: (before.get(k), now.get(k)) for k in sorted(set(before) | set(now))
              if before.get(k) != now.get(k)}
   refused = [k for k in changed if k in fields]

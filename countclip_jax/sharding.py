@@ -26,6 +26,7 @@ RULES = (
     ("mlp", "model"),
     ("proj", None),
     ("norm", None),
+    ("layers", None),  # model.scan_layers' stacked axis: never split (the dims after it are)
 )
 
 

@@ -70,6 +70,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
   if not (isinstance(remat, bool) or remat in clip.REMAT_POLICIES):
     raise ValueError(f"model.remat must be True, False or one of {clip.REMAT_POLICIES}, got "
                      f"{remat!r}")
+  if not isinstance(config.model.scan_layers, bool):
+    raise ValueError(f"model.scan_layers must be True or False, got "
+                     f"{config.model.scan_layers!r}")
   if config.profile.start_step < 0 or config.profile.steps < 1:
     raise ValueError(f"profile.start_step must be >= 0 (0: off) and profile.steps >= 1, got "
                      f"{config.profile.start_step} and {config.profile.steps}")
@@ -93,6 +96,34 @@ def decays(path: str, leaf) -> bool:
   return path.endswith("/kernel")
 
 
+def layer_paths(path: str, leaf) -> list[str]:
+  """The HF paths a param stands for: its own, or one per layer (`.../layers/{i}/...`) for a
+  stacked param of model.scan_layers, so train.freeze means the same in both layouts."""
+  head, sep, rest = path.partition("/layers/")
+  if not sep or rest.split("/")[0].isdigit():
+    return [path]
+  return [f"{head}/layers/{i}/{rest}" for i in range(leaf.shape[0])]
+
+
+def freeze_labels(pattern: str, params_shapes):
+  """"frozen" or "train" per param: frozen where `pattern` matches its path (every layer's path
+  for a stacked param, which cannot be frozen in part)."""
+  frozen = re.compile(pattern)
+
+  def label(key_path, leaf):
+    path = _path(key_path)
+    matches = {bool(frozen.search(p)) for p in layer_paths(path, leaf)}
+    if len(matches) > 1:
+      raise ValueError(f"train.freeze {pattern!r} freezes some layers of {path}, which "
+                       "model.scan_layers stacks into one array: freeze whole towers, or set "
+                       "model.scan_layers=False to freeze single layers")
+    return "frozen" if matches.pop() else "train"
+  labels = jax.tree_util.tree_map_with_path(label, params_shapes)
+  if "train" not in jax.tree_util.tree_leaves(labels):
+    raise ValueError(f"train.freeze {pattern!r} freezes every parameter")
+  return labels
+
+
 def make_optimizer(config, params_shapes) -> tuple[optax.GradientTransformation, Any]:
   t = config.train
   schedule = optax.warmup_cosine_decay_schedule(
@@ -104,12 +135,8 @@ def make_optimizer(config, params_shapes) -> tuple[optax.GradientTransformation,
       optax.adamw(schedule, b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=t.weight_decay,
                   mask=decay_mask))
   if t.freeze:
-    frozen = re.compile(t.freeze)
-    labels = jax.tree_util.tree_map_with_path(
-        lambda p, _: "frozen" if frozen.search(_path(p)) else "train", params_shapes)
-    if "train" not in jax.tree_util.tree_leaves(labels):
-      raise ValueError(f"train.freeze {t.freeze!r} freezes every parameter")
-    tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+    tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()},
+                               freeze_labels(t.freeze, params_shapes))
   return tx, schedule
 
 

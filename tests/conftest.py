@@ -88,14 +88,16 @@ def hf_checkpoint(request, tmp_path):
 
 @pytest.fixture(scope="session")
 def tiny_workdir(tmp_path_factory):
-  """A finished 4-step run of configs/tiny.py, made by the command line as a user would."""
+  """A finished 4-step run of configs/tiny.py, made by the command line as a user would, with
+  model.scan_layers: its checkpoints hold stacked layers, which every command reads as HF's
+  per-layer tree (the default layout is what test_main's runs write)."""
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   workdir = tmp_path_factory.mktemp("tiny_run")
   subprocess.run([sys.executable, "-m", "countclip_jax.main",
                   f"--config={os.path.join(root, 'configs', 'tiny.py')}", f"--workdir={workdir}",
-                  "--config.train.steps=4", "--verbosity=-1"],
+                  "--config.train.steps=4", "--config.model.scan_layers=True", "--verbosity=-1"],
                  check=True, cwd=root, timeout=300, capture_output=True,
                  env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
   return str(workdir)

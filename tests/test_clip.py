@@ -1,5 +1,6 @@
-"""models/clip.py: architecture presets, HF parameter layout, logical axes, dtypes, remat."""
+"""models/clip.py: architecture presets, HF parameter layout, logical axes, dtypes, remat, scan."""
 import dataclasses
+import functools
 
 import flax
 import jax
@@ -131,3 +132,56 @@ def test_attention_uses_cudnn_only_on_a_gpu_where_it_applies(monkeypatch):
   q, k, v = jax.random.normal(jax.random.key(0), (3, 2, 5, 4, 16), bf16)
   np.testing.assert_array_equal(clip.fused_attention(q, k, v, None, True),
                                 jax.nn.dot_product_attention(q, k, v, is_causal=True))
+
+
+def test_scanned_layers_are_stacked_per_tower_with_a_layers_axis():
+  config = models.ARCHITECTURES["tiny"]
+  model = CLIP(config, scan_layers=True)
+  shapes, axes = models.param_shapes(model), models.logical_axes(model)
+  layers = shapes["vision_model"]["encoder"]["layers"]
+  assert layers["self_attn"]["q_proj"]["kernel"].shape == (2, 96, 96)  # (depth, in, out)
+  assert axes["vision_model"]["encoder"]["layers"]["mlp"]["fc1"]["kernel"] == \
+      jax.sharding.PartitionSpec("layers", "embed", "mlp")
+  # Same parameters as the per-layer model, only stacked.
+  assert count(shapes) == count(models.param_shapes(CLIP(config)))
+  unrolled = models.param_shapes(CLIP(config))
+  assert jax.tree_util.tree_structure(models.unstack_layers(shapes)) == \
+      jax.tree_util.tree_structure(unrolled)
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_scanned_layers_compute_what_the_unrolled_ones_do(remat):
+  """Per-layer params, stacked: the same outputs and (unstacked) the same gradients."""
+  config = models.ARCHITECTURES["tiny"]
+  params = models.init_params(CLIP(config), jax.random.key(0))
+  stacked = models.stack_layers(params)
+  pixels, ids = tiny_inputs(config)
+  mask = (np.arange(ids.shape[1]) < 6).astype(np.int32)[None].repeat(2, 0)
+
+  def loss(model, p):
+    return model.apply({"params": p}, pixels, ids, mask).logits_per_image.sum()
+  plain, g_plain = jax.value_and_grad(functools.partial(loss, CLIP(config)))(params)
+  scanned, g_scanned = jax.value_and_grad(
+      functools.partial(loss, CLIP(config, remat=remat, scan_layers=True)))(stacked)
+  np.testing.assert_allclose(scanned, plain, atol=1e-5)  # (a sum of logits of either sign)
+  g_scanned = models.unstack_layers(g_scanned)
+  # Layer 1's grads differ from layer 0's: a scan that applied one layer twice would fail.
+  layers = g_plain["text_model"]["encoder"]["layers"]
+  assert not np.allclose(layers["0"]["mlp"]["fc1"]["kernel"], layers["1"]["mlp"]["fc1"]["kernel"])
+  # (float32 rounding: scan's body is fused differently from the unrolled layers)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+                         g_scanned, g_plain)
+
+
+def test_stack_and_unstack_layers_are_inverse_and_idempotent():
+  params = models.init_params(CLIP(models.ARCHITECTURES["tiny"]), jax.random.key(0))
+  stacked = models.stack_layers(params)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, models.stack_layers(stacked), stacked)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, models.unstack_layers(stacked), params)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, models.unstack_layers(params), params)
+
+
+def test_scanned_layers_refuse_explain():
+  config = models.ARCHITECTURES["tiny"]
+  with pytest.raises(ValueError, match="explain needs the per-layer layout"):
+    models.init_params(CLIP(config, scan_layers=True, explain=True), jax.random.key(0))

@@ -9,7 +9,7 @@ import pytest
 import torch
 import transformers
 
-from countclip_jax import cli, export
+from countclip_jax import checkpoints, cli, export
 from countclip_jax.text.tokenizer import Tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,7 +34,11 @@ def test_exported_run_loads_in_transformers_with_the_same_outputs(tiny_workdir, 
   card = (out / "README.md").read_text()
   assert "Teaching CLIP to Count" in card and '"count"' in card  # the run's config is in it
 
+  # The run scanned its layers: the checkpoint is stacked, every command gets HF's layout.
+  layers = checkpoints.restore_params(tiny_workdir)["text_model"]["encoder"]["layers"]
+  assert layers["mlp"]["fc1"]["kernel"].shape[0] == 2
   model, params, tokenizer = export.load_run(tiny_workdir)
+  assert sorted(params["text_model"]["encoder"]["layers"]) == ["0", "1"]
   reference = transformers.CLIPModel.from_pretrained(out).eval()
   hf_tokenizer = transformers.CLIPTokenizerFast.from_pretrained(out)
   captions = ["a photo of three red stars", "some blue circles"]

@@ -33,9 +33,12 @@ def max_abs(a, b):
   return float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
 
 
-def test_outputs_match_transformers(hf_checkpoint):
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_outputs_match_transformers(hf_checkpoint, scan_layers):
   torch_model, path = hf_checkpoint
-  model, params = models.load_pretrained(path)
+  model, params = models.load_pretrained(path, scan_layers=scan_layers)
+  assert model.scan_layers == scan_layers
+  assert ("0" in params["vision_model"]["encoder"]["layers"]) != scan_layers
   pixels, ids = sample_inputs(torch_model.config)
   image, text, logits = torch_outputs(torch_model, pixels, ids)
   out = model.apply({"params": params}, pixels, ids)
@@ -53,9 +56,10 @@ def clip_loss_np_torch(logits):
           + torch.nn.functional.cross_entropy(logits.T, labels)) / 2
 
 
-def test_gradients_match_torch_autograd(hf_checkpoint):
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_gradients_match_torch_autograd(hf_checkpoint, scan_layers):
   torch_model, path = hf_checkpoint
-  model, params = models.load_pretrained(path)
+  model, params = models.load_pretrained(path, scan_layers=scan_layers)
   pixels, ids = sample_inputs(torch_model.config, batch=4, seed=1)
 
   def loss_fn(p):
@@ -64,7 +68,7 @@ def test_gradients_match_torch_autograd(hf_checkpoint):
     ce = lambda l: -jnp.mean(jax.nn.log_softmax(l)[labels, labels])
     return (ce(logits) + ce(logits.T)) / 2
 
-  grads = jax.grad(loss_fn)(params)
+  grads = hf.unstack_layers(jax.grad(loss_fn)(params))  # (stacked with scan_layers)
   torch_model.zero_grad()
   px = torch.tensor(pixels).permute(0, 3, 1, 2)
   logits = torch_model(pixel_values=px, input_ids=torch.tensor(ids).long()).logits_per_image
@@ -131,6 +135,26 @@ def test_export_round_trip_through_transformers(hf_checkpoint, tmp_path):
   # And our own loader reads our export back bit for bit.
   _, again = models.load_pretrained(str(out_dir))
   jax.tree_util.tree_map(np.testing.assert_array_equal, params, again)
+
+
+def test_scanned_params_export_as_hf_per_layer_files(hf_checkpoint, tmp_path):
+  """model.scan_layers in and out: the same files as the per-layer layout, bit for bit."""
+  torch_model, path = hf_checkpoint
+  model, params = models.load_pretrained(path, scan_layers=True)
+  models.export_hf(model, params, str(tmp_path / "scanned"))
+  plain_model, plain = models.load_pretrained(path)
+  models.export_hf(plain_model, plain, str(tmp_path / "plain"))
+  scanned_state = load_file(tmp_path / "scanned" / "model.safetensors")
+  plain_state = load_file(tmp_path / "plain" / "model.safetensors")
+  assert sorted(scanned_state) == sorted(plain_state)
+  assert "vision_model.encoder.layers.1.self_attn.q_proj.weight" in scanned_state
+  for key, value in plain_state.items():
+    np.testing.assert_array_equal(scanned_state[key], value, err_msg=key)
+  # The single-tower text export too (what diffusion pipelines load).
+  models.export_text_encoder(model, params, str(tmp_path / "sd"))
+  text_state = load_file(tmp_path / "sd" / "text_encoder" / "model.safetensors")
+  np.testing.assert_array_equal(text_state["text_model.encoder.layers.1.mlp.fc1.weight"],
+                                plain_state["text_model.encoder.layers.1.mlp.fc1.weight"])
 
 
 def test_export_with_tokenizer(tmp_path):

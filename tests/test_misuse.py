@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from countclip_jax import checkpoints
+from countclip_jax import checkpoints, preflight
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.py")
@@ -142,6 +142,8 @@ def test_a_junk_tokenizer_in_the_workdir_is_refused(copy_of_run):
     (["--config.data.context_length=20", "--config.task=density"],
      ["different data.context_length, task", "data.context_length: 16 in the checkpoints' run, "
       "20 now", "task: 'contrastive' in the checkpoints' run, 'density' now"]),
+    (["--config.model.scan_layers=True"], ["different model.scan_layers", "model.scan_layers: "
+                                           "False in the checkpoints' run, True now"]),
 ])
 def test_resume_with_another_architecture_is_refused(copy_of_run, overrides, fragments):
   before = snapshot(copy_of_run)
@@ -150,6 +152,10 @@ def test_resume_with_another_architecture_is_refused(copy_of_run, overrides, fra
 
 
 def test_resume_with_a_new_batch_size_is_allowed_and_recorded(copy_of_run):
+  # A run recorded before model.scan_layers existed resumes as the per-layer run it was.
+  record = json.loads((copy_of_run / preflight.CONFIG).read_text())
+  del record["model"]["scan_layers"]
+  (copy_of_run / preflight.CONFIG).write_text(json.dumps(record))
   result = main(copy_of_run, "--config.train.steps=4", "--config.checkpoint.every_steps=2",
                 "--config.eval.datasets=()", "--config.train.batch_size=32", check=True)
   assert "Resuming with train.batch_size changed: 16 -> 32" in result.stderr

@@ -1,13 +1,14 @@
 """trainer.py: the sharded step equals the one-device step; guards, accumulation, freezing."""
 import math
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from configs import tiny
-from countclip_jax import accumulation, sharding, tasks, trainer
+from countclip_jax import accumulation, models, sharding, tasks, trainer
 from countclip_jax.tasks import contrastive
 from countclip_jax.data import pipeline
 from countclip_jax.text.tokenizer import build_tokenizer
@@ -81,6 +82,52 @@ def test_sharded_step_equals_one_device(tokenizer):
     np.testing.assert_allclose(metrics["grad_norm"], ref_metrics["grad_norm"], rtol=1e-5)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5),
                            params, ref_params)
+
+
+def test_a_scanned_sharded_step_equals_the_unrolled_one(tokenizer):
+  """model.scan_layers on a 2x2x2 mesh (the stacked `layers` axis under the sharding rules)
+  against per-layer layers on one device, from the same weights: loss, gradient norm and
+  params after the step."""
+  ref_config = small_config()
+  ref_model, ref_state, ref_step, ref_place = setup(ref_config, tokenizer, (1, 1, 1),
+                                                    jax.devices()[:1])
+  config = small_config()
+  config.model.scan_layers = True
+  model, state, step, place = setup(config, tokenizer, (2, 2, 2))
+  assert model.scan_layers and not ref_model.scan_layers
+  stacked = models.stack_layers(jax.device_get(ref_state.params))
+  state = state.replace(params=jax.device_put(
+      stacked, jax.tree_util.tree_map(lambda x: x.sharding, state.params)))
+  batch = fake_batch(config, tokenizer, model.config.vision.image_size)
+  ref_state, ref_metrics = ref_step(ref_state, ref_place(batch))
+  state, metrics = step(state, place(batch))
+  for key in ("loss", "count_loss", "grad_norm"):
+    np.testing.assert_allclose(metrics[key], ref_metrics[key], rtol=1e-5, err_msg=key)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5),
+                         models.unstack_layers(jax.device_get(state.params)),
+                         jax.device_get(ref_state.params))
+
+
+def test_freeze_means_the_same_paths_with_scanned_layers():
+  assert trainer.layer_paths("text_model/encoder/layers/mlp/fc1/kernel",
+                             jax.ShapeDtypeStruct((2, 4, 4), jnp.float32)) == [
+      "text_model/encoder/layers/0/mlp/fc1/kernel", "text_model/encoder/layers/1/mlp/fc1/kernel"]
+  assert trainer.layer_paths("text_model/encoder/layers/0/mlp/fc1/kernel", None) == [
+      "text_model/encoder/layers/0/mlp/fc1/kernel"]
+  tiny_arch = models.ARCHITECTURES["tiny"]
+  shapes = models.param_shapes(models.CLIP(tiny_arch, scan_layers=True))
+  unrolled = models.param_shapes(models.CLIP(tiny_arch))
+  flat = lambda tree: {"/".join(k): v for k, v in flax.traverse_util.flatten_dict(tree).items()}
+  for pattern in ("^vision_model/", "^text_model/encoder/layers/[0-9]+/", "layers/[01]/mlp/"):
+    scanned = flat(trainer.freeze_labels(pattern, shapes))
+    expected = flat(trainer.freeze_labels(pattern, unrolled))
+    got = {p: label for path, label in scanned.items()
+           for p in trainer.layer_paths(path, flat(shapes)[path])}
+    assert got == expected and "frozen" in got.values(), pattern
+  # One layer of a stacked array cannot be frozen alone: refused, naming the param.
+  with pytest.raises(ValueError, match="freezes some layers of .*encoder/layers/.*scan_layers"):
+    trainer.freeze_labels("layers/0/", shapes)
+  trainer.freeze_labels("layers/0/", unrolled)  # per layer: fine
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # bfloat16: every real preset's

@@ -3,4 +3,4 @@
 from countclip_jax.models.clip import ARCHITECTURES, CLIP, CLIPConfig, TextConfig, VisionConfig
 from countclip_jax.models.clip import init_params, logical_axes, normalize, param_shapes
 from countclip_jax.models.hf import CheckpointError, WidthError, export_hf, export_text_encoder
-from countclip_jax.models.hf import load_pretrained
+from countclip_jax.models.hf import load_pretrained, stack_layers, unstack_layers

@@ -264,20 +264,37 @@ class LayerCollection(nn.Module):
     return x
 
 
+def scanned_layers(cfg, dtype, param_dtype, remat: bool | str, x, mask, causal):
+  """The encoder's layers as one `nn.scan` over a (rematerialised) EncoderLayer: one layer body
+  is traced and compiled whatever the depth. Params are stacked, `layers/<name>` with a leading
+  `layers` axis of size depth (models/hf.py converts to and from HF's `layers/{i}`)."""
+  def body(layer, h, m):
+    return layer(h, m, causal), None
+
+  scan = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True},
+                 in_axes=(nn.broadcast,), length=cfg.depth,
+                 metadata_params={nn.PARTITION_NAME: "layers"})
+  layer = remat_layer(EncoderLayer, remat)(cfg, dtype, param_dtype, name="layers")
+  return scan(layer, x, mask)[0]
+
+
 class Encoder(nn.Module):
   cfg: TextConfig | VisionConfig
   dtype: Dtype
   param_dtype: Dtype
   remat: bool | str = False  # see REMAT_POLICIES
   explain: bool = False  # see Attention
+  scan_layers: bool = False  # see scanned_layers
 
   @nn.compact
   def __call__(self, x, mask=None, causal=False):
-    # `explain` only when set: stand-ins for LayerCollection (benchmarks/train_step.py swaps in
-    # its own while tracing) need not know the attribute.
-    kw = dict(explain=True) if self.explain else {}
-    return LayerCollection(self.cfg, self.dtype, self.param_dtype, self.remat, name="layers",
-                           **kw)(x, mask, causal)
+    if self.scan_layers:
+      if self.explain:
+        raise ValueError("explain needs the per-layer layout: clone with scan_layers=False and "
+                         "convert the params with models.hf.unstack_layers")
+      return scanned_layers(self.cfg, self.dtype, self.param_dtype, self.remat, x, mask, causal)
+    return LayerCollection(self.cfg, self.dtype, self.param_dtype, self.remat, self.explain,
+                           name="layers")(x, mask, causal)
 
 
 class TextEmbeddings(nn.Module):
@@ -301,6 +318,7 @@ class TextTransformer(nn.Module):
   param_dtype: Dtype
   remat: bool | str = False  # see REMAT_POLICIES
   explain: bool = False  # see Attention
+  scan_layers: bool = False  # see scanned_layers
 
   @nn.compact
   def __call__(self, input_ids, attention_mask=None, states=False):
@@ -312,8 +330,8 @@ class TextTransformer(nn.Module):
     mask = None
     if attention_mask is not None:  # padding keys are masked; the causal mask is added inside.
       mask = attention_mask.astype(bool)[:, None, None, :]
-    x = Encoder(c, remat=self.remat, explain=self.explain, name="encoder", **kw)(
-        x, mask, causal=True)
+    x = Encoder(c, remat=self.remat, explain=self.explain, scan_layers=self.scan_layers,
+                name="encoder", **kw)(x, mask, causal=True)
     x = _layer_norm("final_layer_norm", c.layer_norm_eps, **kw)(x)
     if states:  # every token's state (CLIP.text_states), not the eos-pooled one
       return x
@@ -361,13 +379,15 @@ class VisionTransformer(nn.Module):
   param_dtype: Dtype
   remat: bool | str = False  # see REMAT_POLICIES
   explain: bool = False  # see Attention
+  scan_layers: bool = False  # see scanned_layers
 
   @nn.compact
   def __call__(self, pixels):
     c, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
     x = VisionEmbeddings(c, name="embeddings", **kw)(pixels.astype(self.dtype))
     x = _layer_norm("pre_layrnorm", c.layer_norm_eps, **kw)(x)  # sic: HF's name
-    x = Encoder(c, remat=self.remat, explain=self.explain, name="encoder", **kw)(x)
+    x = Encoder(c, remat=self.remat, explain=self.explain, scan_layers=self.scan_layers,
+                name="encoder", **kw)(x)
     return _layer_norm("post_layernorm", c.layer_norm_eps, **kw)(x[:, 0])
 
 
@@ -386,11 +406,18 @@ class CLIP(nn.Module):
   # Explicit attention probabilities, perturbed and sown (see Attention); explain.py sets it
   # on a clone. Training and eval keep the fused attention.
   explain: bool = False
+  # The encoder layers under nn.scan with stacked params (scanned_layers): compile time flat in
+  # depth, the usual layout on TPU. Checkpoints in and out keep HF's per-layer names
+  # (models/hf.py converts at load and export).
+  scan_layers: bool = False
 
   def setup(self):
-    c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    self.text_model = TextTransformer(c.text, remat=self.remat, explain=self.explain, **kw)
-    self.vision_model = VisionTransformer(c.vision, remat=self.remat, explain=self.explain, **kw)
+    c = self.config
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, remat=self.remat,
+              explain=self.explain, scan_layers=self.scan_layers)
+    self.text_model = TextTransformer(c.text, **kw)
+    self.vision_model = VisionTransformer(c.vision, **kw)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     proj = lambda width: dict(use_bias=False, kernel_init=_init(width ** -0.5, ("embed", "proj")))
     self.visual_projection = nn.Dense(c.projection_dim, **proj(c.vision.width), **kw)
     self.text_projection = nn.Dense(c.projection_dim, **proj(c.text.width), **kw)

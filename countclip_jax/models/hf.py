@@ -9,6 +9,10 @@ strict: every missing, unexpected or misshapen key is an error that names it. Pi
 PyTorch -> Flax rules: Linear `weight` (out, in) -> `kernel` (in, out); Conv `weight` OIHW ->
 `kernel` HWIO; LayerNorm `weight` -> `scale`; Embedding `weight` -> `embedding`; `position_ids`
 buffers are ignored.
+
+A model with `scan_layers` holds each encoder's layers stacked (`layers/<name>`, leading axis
+depth); files always hold HF's `layers/{i}`. `stack_layers` / `unstack_layers` convert, here at
+the boundary and nowhere else.
 """
 from __future__ import annotations
 
@@ -151,6 +155,56 @@ def params_from_msgpack(data: bytes, shapes, dtype=jnp.float32, source: str = MS
        for k, s in expected.items()})
 
 
+# ----------------------------------------------------------------------------- layer layouts
+
+# Arrays, or ShapeDtypeStructs for layouts without data.
+def _stack(*xs):
+  if isinstance(xs[0], jax.ShapeDtypeStruct):
+    return jax.ShapeDtypeStruct((len(xs),) + xs[0].shape, xs[0].dtype)
+  return jnp.stack(xs)
+
+
+def _take(x, i: int):
+  if isinstance(x, jax.ShapeDtypeStruct):
+    return jax.ShapeDtypeStruct(x.shape[1:], x.dtype)
+  return x[i]
+
+
+def _is_per_layer(layers: dict) -> bool:
+  return bool(layers) and all(str(k).isdigit() for k in layers)
+
+
+def stack_layers(params):
+  """HF's per-layer `.../layers/{i}/...` -> the scanned layout `.../layers/...` (leading axis
+  i), under every `layers` key of the tree; a tree already stacked comes back unchanged."""
+  if not isinstance(params, dict):
+    return params
+  out = {}
+  for key, value in params.items():
+    if key == "layers" and isinstance(value, dict) and _is_per_layer(value):
+      value = jax.tree_util.tree_map(_stack, *[value[str(i)] for i in range(len(value))])
+    else:
+      value = stack_layers(value)
+    out[key] = value
+  return out
+
+
+def unstack_layers(params):
+  """The scanned layout -> HF's per-layer `layers/{i}`; a per-layer tree comes back unchanged."""
+  if not isinstance(params, dict):
+    return params
+  out = {}
+  for key, value in params.items():
+    if key == "layers" and isinstance(value, dict) and not _is_per_layer(value):
+      depth = jax.tree_util.tree_leaves(value)[0].shape[0]
+      value = {str(i): jax.tree_util.tree_map(lambda a, i=i: _take(a, i), value)
+               for i in range(depth)}
+    else:
+      value = unstack_layers(value)
+    out[key] = value
+  return out
+
+
 # ----------------------------------------------------------------------------- sources
 
 class _Directory:
@@ -206,12 +260,21 @@ def _read_safetensors(files: list[str]) -> dict[str, np.ndarray]:
 
 
 def load_pretrained(name_or_path: str, *, dtype=jnp.float32, param_dtype=jnp.float32,
-                    remat: bool | str = False, revision: str | None = None):
+                    remat: bool | str = False, scan_layers: bool = False,
+                    revision: str | None = None):
   """(model, params) from a hub id, a local directory or a gs:// directory.
 
   `dtype` is the compute dtype (e.g. jnp.bfloat16), `param_dtype` the dtype params are cast to
-  whatever the file holds (fp16/bf16 files become fp32 by default).
+  whatever the file holds (fp16/bf16 files become fp32 by default). `scan_layers`: the model
+  scans its layers and the params come stacked (see stack_layers).
   """
+  model, params = _load_per_layer(name_or_path, dtype, param_dtype, remat, revision)
+  if scan_layers:
+    return model.clone(scan_layers=True), stack_layers(params)
+  return model, params
+
+
+def _load_per_layer(name_or_path, dtype, param_dtype, remat, revision):
   directory = _Directory(name_or_path, revision)
   config_file = directory.local_file("config.json")
   if config_file is None:
@@ -247,7 +310,7 @@ def _write_model(out: epath.Path, hf_config, architecture: str, params: Any) -> 
   out.mkdir(parents=True, exist_ok=True)
   hf_config.architectures = [architecture]
   (out / "config.json").write_text(hf_config.to_json_string())
-  state = params_to_torch_state(params)
+  state = params_to_torch_state(unstack_layers(params))
   (out / SAFETENSORS).write_bytes(save_safetensors(state, metadata={"format": "pt"}))
 
 

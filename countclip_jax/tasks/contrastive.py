@@ -56,18 +56,20 @@ class Contrastive(tasks.Task):
     id, context length) for a run from scratch."""
     dtype = tasks.DTYPES[config.model.dtype]
     if config.model.init:
-      return models.load_pretrained(config.model.init, dtype=dtype, remat=config.model.remat)
+      return models.load_pretrained(config.model.init, dtype=dtype, remat=config.model.remat,
+                                    scan_layers=config.model.scan_layers)
     arch = models.ARCHITECTURES[config.model.arch]
     text = dataclasses.replace(arch.text, vocab_size=tokenizer.vocab_size,
                                eos_token_id=tokenizer.eos_token_id,
                                context_length=tokenizer.context_length)
-    return CLIP(dataclasses.replace(arch, text=text), dtype=dtype,
-                remat=config.model.remat), None
+    return CLIP(dataclasses.replace(arch, text=text), dtype=dtype, remat=config.model.remat,
+                scan_layers=config.model.scan_layers), None
 
   def model_from_workdir(self, config, workdir):
     from countclip_jax import export  # pylint: disable=g-import-not-at-top
     return export.load_model(workdir).clone(dtype=tasks.DTYPES[config.model.dtype],
-                                            remat=config.model.remat)
+                                            remat=config.model.remat,
+                                            scan_layers=config.model.scan_layers)
 
   def init_params(self, model, rng):
     return models.init_params(model, rng)

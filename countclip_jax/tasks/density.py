@@ -50,6 +50,9 @@ class Density(tasks.Task):
 
   def validate(self, config, num_devices: int) -> None:
     d = config.density
+    if config.model.scan_layers:
+      raise ValueError("model.scan_layers is for the contrastive task: the density model's "
+                       "backbone layers carry per-layer visual prompts and stay unrolled")
     if d.model not in density_model.PRESETS:
       raise ValueError(f"density.model must be one of {sorted(density_model.PRESETS)}, got "
                        f"{d.model!r}")
