@@ -36,10 +36,9 @@ What is reported, per variant:
 
 Variants (--variants, each a comma-separated list of key=value, run interleaved):
   dtype  float32 | bfloat16 (compute dtype; params stay float32)
-  remat  none | full (the model's own nn.remat per layer: model.remat=True) | dots | dots_all
-         (jax.checkpoint_policies.dots_with_no_batch_dims_saveable / dots_saveable)
-  scan   0 | 1: layers under jax.lax.scan, params stacked at the boundary (ExperimentalLayers:
-         benchmark-only, models/clip.py keeps its loop and HF's per-layer tree either way)
+  remat  none | full | dots | dots_all: model.remat False | True (each layer keeps its input
+         only) | "dots_with_no_batch_dims_saveable" | "dots_saveable"
+  scan   0 | 1: model.scan_layers (nn.scan over each tower's layers, params stacked)
   feed   device (one placed batch, reused) | host (a fresh host batch placed with
          pipeline.global_batch before every step, as trainer.train_and_evaluate does)
   text   tokens per caption fed to the text tower (data.context_length; default 77)
@@ -50,7 +49,6 @@ Variants (--variants, each a comma-separated list of key=value, run interleaved)
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import functools
 import json
@@ -65,7 +63,6 @@ from typing import Any, Callable
 # Runs as a script from anywhere: the repo root holds configs/ and the package.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -218,6 +215,8 @@ def parse_variant(spec: str, defaults: Variant) -> Variant:
     key, _, value = item.partition("=")
     if key not in ("dtype", "remat", "scan", "feed", "text", "xla"):
       raise ValueError(f"variant key {key!r} is not one of dtype, remat, scan, feed, text, xla")
+    if key == "remat" and value not in REMAT:
+      raise ValueError(f"remat={value!r} is not one of {', '.join(REMAT)}")
     fields[key] = (value in ("1", "true", "True") if key == "scan" else
                    int(value) if key == "text" else value)
   return dataclasses.replace(defaults, name=spec, **fields)
@@ -226,9 +225,8 @@ def parse_variant(spec: str, defaults: Variant) -> Variant:
 def make_config(args, variant: Variant):
   c = common.base()
   c.model.arch, c.model.dtype = args.arch, variant.dtype
-  # The model's own remat (nn.remat per layer, nothing saved) for remat=full; other policies
-  # and scan go through ExperimentalLayers.
-  c.model.remat = variant.remat == "full" and not variant.scan
+  c.model.remat = REMAT[variant.remat]
+  c.model.scan_layers = variant.scan
   c.train.batch_size = args.batch_size
   c.train.steps, c.train.warmup_steps = 10_000, 100
   c.count.fraction, c.count.num_counterfactuals = args.fraction, args.num_counterfactuals
@@ -239,68 +237,16 @@ def make_config(args, variant: Variant):
   return c
 
 
-REMAT_POLICIES = {
-    "full": None,  # save nothing but each layer's input (what model.remat=True does)
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "dots_all": jax.checkpoint_policies.dots_saveable,
+# The variant's remat -> model.remat (models/clip.py REMAT_POLICIES).
+REMAT = {
+    "none": False,
+    "full": True,  # save nothing but each layer's input
+    "dots": "dots_with_no_batch_dims_saveable",
+    "dots_all": "dots_saveable",
 }
 
 
-class ExperimentalLayers(nn.Module):
-  """Benchmark-only stand-in for clip.LayerCollection: the same `layers/0..N-1` params (HF's
-  tree, created by the same loop at init), applied with a remat policy and/or under
-  jax.lax.scan: the per-layer params are stacked at the boundary (a copy of the layer params
-  per step; their gradients are sliced back by autodiff), one layer body is traced."""
-  cfg: Any
-  dtype: Any
-  param_dtype: Any
-  remat: bool = False
-  scan: bool = False
-  policy: str = "none"
-
-  @nn.compact
-  def __call__(self, x, mask=None, causal=False):
-    c = self.cfg
-    if self.is_initializing() or not self.scan:
-      layer_cls = clip.EncoderLayer
-      if self.policy != "none":
-        layer_cls = nn.remat(clip.EncoderLayer, static_argnums=(3,),
-                             policy=REMAT_POLICIES[self.policy])
-      for i in range(c.depth):
-        x = layer_cls(c, self.dtype, self.param_dtype, name=str(i))(x, mask, causal)
-      return x
-    layer = clip.EncoderLayer(c, self.dtype, self.param_dtype, parent=None)
-    params = self.variables["params"]
-    stacked = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs),
-                                     *[params[str(i)] for i in range(c.depth)])
-
-    def body(h, p):
-      return layer.apply({"params": p}, h, mask, causal), None
-    if self.policy != "none":
-      body = jax.checkpoint(body, policy=REMAT_POLICIES[self.policy])
-    x, _ = jax.lax.scan(body, x, stacked)
-    return x
-
-
-@contextlib.contextmanager
-def layers_for(variant: "Variant"):
-  """While tracing: clip.LayerCollection replaced by ExperimentalLayers when the variant asks
-  for scan or a remat policy other than the model's own (remat=full without scan)."""
-  if not variant.scan and variant.remat in ("none", "full"):
-    yield
-    return
-  policy = variant.remat
-  original = clip.LayerCollection
-  clip.LayerCollection = functools.partial(ExperimentalLayers, scan=variant.scan, policy=policy)
-  try:
-    yield
-  finally:
-    clip.LayerCollection = original
-
-
 def _model(config, tokenizer, variant: Variant):
-  if variant.remat not in ("none", *REMAT_POLICIES):
-    raise ValueError(f"remat={variant.remat!r} is not one of none, {', '.join(REMAT_POLICIES)}")
   model, _ = contrastive.TASK.build_model(config, tokenizer)
   return model
 
@@ -389,8 +335,7 @@ def build_step(task, model, config, example: dict, variant: Variant, compile_onl
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh)
 
   start = time.perf_counter()
-  with layers_for(variant):
-    lowered = step.lower(abstract(state_shapes, shardings), abstract(example, batch_sharding))
+  lowered = step.lower(abstract(state_shapes, shardings), abstract(example, batch_sharding))
   lower_seconds = time.perf_counter() - start
   start = time.perf_counter()
   compiled = lowered.compile(compiler_options=_xla_options(variant.xla) or None)
