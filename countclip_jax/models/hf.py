@@ -174,35 +174,38 @@ def _is_per_layer(layers: dict) -> bool:
   return bool(layers) and all(str(k).isdigit() for k in layers)
 
 
-def stack_layers(params):
-  """HF's per-layer `.../layers/{i}/...` -> the scanned layout `.../layers/...` (leading axis
-  i), under every `layers` key of the tree; a tree already stacked comes back unchanged."""
+def _stacked(layers: dict):
+  return jax.tree_util.tree_map(_stack, *[layers[str(i)] for i in range(len(layers))])
+
+
+def _unstacked(layers: dict):
+  depth = jax.tree_util.tree_leaves(layers)[0].shape[0]
+  return {str(i): jax.tree_util.tree_map(lambda a, i=i: _take(a, i), layers)
+          for i in range(depth)}
+
+
+def _convert_layers(params, to_stacked: bool):
+  """`params` with every `layers` subtree that is not yet in the asked layout converted."""
   if not isinstance(params, dict):
     return params
   out = {}
   for key, value in params.items():
-    if key == "layers" and isinstance(value, dict) and _is_per_layer(value):
-      value = jax.tree_util.tree_map(_stack, *[value[str(i)] for i in range(len(value))])
+    if key == "layers" and isinstance(value, dict) and _is_per_layer(value) == to_stacked:
+      out[key] = _stacked(value) if to_stacked else _unstacked(value)
     else:
-      value = stack_layers(value)
-    out[key] = value
+      out[key] = _convert_layers(value, to_stacked)
   return out
+
+
+def stack_layers(params):
+  """HF's per-layer `.../layers/{i}/...` -> the scanned layout `.../layers/...` (leading axis
+  i), under every `layers` key of the tree; a tree already stacked comes back unchanged."""
+  return _convert_layers(params, to_stacked=True)
 
 
 def unstack_layers(params):
   """The scanned layout -> HF's per-layer `layers/{i}`; a per-layer tree comes back unchanged."""
-  if not isinstance(params, dict):
-    return params
-  out = {}
-  for key, value in params.items():
-    if key == "layers" and isinstance(value, dict) and not _is_per_layer(value):
-      depth = jax.tree_util.tree_leaves(value)[0].shape[0]
-      value = {str(i): jax.tree_util.tree_map(lambda a, i=i: _take(a, i), value)
-               for i in range(depth)}
-    else:
-      value = unstack_layers(value)
-    out[key] = value
-  return out
+  return _convert_layers(params, to_stacked=False)
 
 
 # ----------------------------------------------------------------------------- sources
