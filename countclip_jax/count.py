@@ -41,15 +41,15 @@ def load_density_run(workdir: str, step: int | None = None):
   return model, params, tokenizer, config
 
 
-def count_image(model, params, tokenizer, config, data: bytes, prompt: str):
-  """(count, density map (H, W) over the resized image, the resized uint8 image)."""
+def count_image(model, mesh, tokenizer, config, data: bytes, prompt: str):
+  """(count, density map (H, W) over the resized image, the resized uint8 image); `mesh`: an
+  eval_mesh.EvalMesh of the run's params."""
   from countclip_jax import density_eval  # pylint: disable=g-import-not-at-top
   from countclip_jax.data import density_pipeline, images  # pylint: disable=g-import-not-at-top
   size = model.config.input_size
   image, _ = density_pipeline.load_image(data, np.zeros((0, 2), np.float32), size)
-  predict = density_eval._predict_fn(model)  # pylint: disable=protected-access
   ids = tokenizer([config.density.prompt_template.format(prompt)])[None]
-  windows = lambda w: np.asarray(predict(params, w, np.repeat(ids, len(w), 0)))[:, 0]
+  windows = density_eval.window_predictor(model, mesh, ids)
   full = density_eval.sliding_window(windows, images.normalize(image), size,
                                      min(config.density.eval_window_stride, size))
   return float(full.sum()) / config.density.scale, full, image
@@ -76,13 +76,15 @@ def main(argv):
   if not FLAGS.prompt.strip():
     raise app.UsageError("--prompt is empty: name what to count, e.g. --prompt=apples")
   model, params, tokenizer, config = load_density_run(FLAGS.workdir, FLAGS.step)
+  from countclip_jax import density_eval, eval_mesh  # pylint: disable=g-import-not-at-top
   from countclip_jax.data import images  # pylint: disable=g-import-not-at-top
+  mesh = eval_mesh.EvalMesh(params, density_eval.WINDOW_BATCH)
   os.makedirs(FLAGS.out, exist_ok=True)
   skipped = 0
   for path in paths:
     try:
       with open(path, "rb") as f:
-        number, density, image = count_image(model, params, tokenizer, config, f.read(),
+        number, density, image = count_image(model, mesh, tokenizer, config, f.read(),
                                              FLAGS.prompt)
     except (OSError, images.BadImageError) as e:
       print(f"skipped {path}: {e}", file=sys.stderr)

@@ -20,21 +20,32 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
+from countclip_jax import eval_mesh
 from countclip_jax.data import density_pipeline, images, pipeline
 
 SHOWN = 6  # examples drawn in the PNG
+WINDOW_BATCH = 8  # sliding windows per call
 
 
 @functools.lru_cache(maxsize=8)
-def _predict_fn(model):
-  """Jitted (params, pixels (N, S, S, 3), ids (N, K, L)) -> density (N, K, S, S), float32."""
-  return jax.jit(lambda params, pixels, ids: model.apply({"params": params}, pixels,
-                                                         ids)["density"])
+def _predict_fn(model, rows, replicated):
+  """Jitted (params, pixels (N, S, S, 3), ids (N, K, L), example (N,)) -> (density (N, K, S, S)
+  float32 with `rows` sharding like the batch; its sums (N, K) and the examples' indices,
+  `replicated`). Cached per model and mesh: training's periodic evals reuse the compile."""
+  def predict(params, pixels, ids, example):
+    density = model.apply({"params": params}, pixels, ids)["density"].astype(jnp.float32)
+    return density, density.sum(axis=(-2, -1)), example
+  return jax.jit(predict, out_shardings=(rows, replicated, replicated))
 
 
-def _replicated(params):
-  """Params gathered where the eval can read them on every process (evals are small)."""
-  return jax.tree_util.tree_map(np.asarray, jax.device_get(params))
+@functools.lru_cache(maxsize=8)
+def _whole_fn(replicated):
+  """Jitted identity onto `replicated`: a batch-sharded array whole on every process."""
+  return jax.jit(lambda x: x, out_shardings=replicated)
+
+
+def _predictor(model, mesh: eval_mesh.EvalMesh):
+  return _predict_fn(model, mesh.rows(4), mesh.replicated)
 
 
 def sliding_window(predict, image: np.ndarray, size: int, stride: int) -> np.ndarray:
@@ -69,29 +80,34 @@ def _errors(predicted, true) -> dict:
           "n": int(len(true))}
 
 
-def eval_synthetic(config, model, params, tokenizer, batch_size: int = 64) -> tuple[dict, dict]:
-  """(results, examples to draw) on the dense world's held-out split."""
-  predict = _predict_fn(model)
+def eval_synthetic(config, model, mesh: eval_mesh.EvalMesh, tokenizer) -> tuple[dict, dict]:
+  """(results, examples to draw) on the dense world's held-out split, each process reading and
+  predicting its share of each batch (eval_mesh.py)."""
+  predict = _predictor(model, mesh)
   scale = config.density.scale
   dataset = density_pipeline.eval_dataset(config, model.clip_config.vision.image_size)
   true, pred, absent, minority, shown = [], [], [], [], None
-  for batch in pipeline.eval_batches(dataset, batch_size, process_index=0, process_count=1):
-    valid = np.asarray(batch["valid"])
+  for batch in mesh.batches(dataset, "density"):
     with pipeline._TOKENIZER_LOCK:  # pylint: disable=protected-access
       ids = tokenizer([*map(str, batch["prompt"]), *map(str, batch["absent_prompt"])])
-    n = len(valid)
+    n = len(batch["valid"])
     ids = np.stack([ids[:n], ids[n:]], axis=1)
-    maps = np.asarray(predict(params, np.asarray(batch["image"]), ids))
-    counts = maps.sum(axis=(-2, -1)) / scale
-    true += list(np.asarray(batch["count"])[valid])
-    pred += list(counts[valid, 0])
-    absent += list(counts[valid, 1])
-    minority += list(np.asarray(batch["minority"])[valid])
-    if shown is None:
+    maps, sums, example = predict(mesh.params, mesh.place(batch["image"]), mesh.place(ids),
+                                  mesh.place(batch["example"]))
+    rows = mesh.gather_fields({k: batch[k] for k in ("example", "valid", "count", "minority")})
+    valid = rows["valid"].astype(bool)
+    counts = eval_mesh.in_example_order(sums, example, rows["example"][valid]) / scale
+    true += rows["count"][valid].tolist()
+    pred += counts[:, 0].tolist()
+    absent += counts[:, 1].tolist()
+    minority += rows["minority"][valid].tolist()
+    if shown is None:  # this process's first rows (process 0's: the dataset's first examples)
+      local = eval_mesh.local_rows(maps)[:SHOWN]
       shown = {"image": np.asarray(batch["image"][:SHOWN]), "target": np.asarray(
-          batch["density"][:SHOWN]), "pred": maps[:SHOWN, 0] / scale,
+          batch["density"][:SHOWN]), "pred": local[:, 0] / scale,
                "title": [f"{p}: {t:.0f} / {c:.1f}" for p, t, c in zip(
-                   batch["prompt"][:SHOWN], batch["count"][:SHOWN], counts[:SHOWN, 0])]}
+                   batch["prompt"][:SHOWN], batch["count"][:SHOWN],
+                   local[:, 0].sum(axis=(-2, -1)) / scale)]}
   true, pred, minority = np.asarray(true), np.asarray(pred), np.asarray(minority, bool)
   results = {**_errors(pred, true), "mean_count": float(np.mean(true)),
              "mean_predicted": float(np.mean(pred)),
@@ -101,9 +117,31 @@ def eval_synthetic(config, model, params, tokenizer, batch_size: int = 64) -> tu
   return results, shown
 
 
-def eval_real(config, model, params, tokenizer, window_batch: int = 8) -> tuple[dict, dict]:
-  """(results, examples to draw) with the sliding window over a real set's eval split."""
-  predict = _predict_fn(model)
+def window_predictor(model, mesh: eval_mesh.EvalMesh, ids: np.ndarray):
+  """For sliding_window: (n, S, S, 3) windows -> (n, S, S) maps for one prompt (`ids`: (1, 1, L)
+  tokens), in calls of WINDOW_BATCH windows (rounded to the mesh; the last call padded, so any
+  image width compiles once) split over the devices. Every process passes the same windows."""
+  predict, per_call = _predictor(model, mesh), mesh.round_up(WINDOW_BATCH)
+  ids = mesh.place_everywhere(np.repeat(ids, per_call, 0))
+  example = mesh.place_everywhere(np.arange(per_call, dtype=np.int32))
+  whole = _whole_fn(mesh.replicated)  # the windows' maps are small
+
+  def windows(w):
+    out = []
+    for j in range(0, len(w), per_call):
+      chunk = w[j:j + per_call]
+      padded = np.concatenate([chunk, np.zeros((per_call - len(chunk),) + chunk.shape[1:],
+                                               chunk.dtype)])
+      maps, _, _ = predict(mesh.params, mesh.place_everywhere(padded), ids, example)
+      out.append(np.asarray(whole(maps))[:len(chunk), 0])
+    return np.concatenate(out)
+  return windows
+
+
+def eval_real(config, model, mesh: eval_mesh.EvalMesh, tokenizer) -> tuple[dict, dict]:
+  """(results, examples to draw) with the sliding window over a real set's eval split. Every
+  process reads each image (one at a time, cheap beside the model); its windows are split over
+  the devices."""
   size, stride = config.density.crop_size, config.density.eval_window_stride
   scale = config.density.scale
   dataset = density_pipeline.eval_dataset(config, model.clip_config.vision.image_size)
@@ -114,13 +152,7 @@ def eval_real(config, model, params, tokenizer, window_batch: int = 8) -> tuple[
     if image is None:
       skipped += 1
       continue
-    ids = tokenizer([ex["prompt"]])[None]
-
-    def windows(w):
-      return np.concatenate([predict(params, w[j:j + window_batch],
-                                     np.repeat(ids, len(w[j:j + window_batch]), 0))[:, 0]
-                             for j in range(0, len(w), window_batch)])
-
+    windows = window_predictor(model, mesh, tokenizer([ex["prompt"]])[None])
     full = sliding_window(windows, image, size, stride)
     true.append(len(points))
     pred.append(float(full.sum()) / scale)
@@ -155,11 +187,11 @@ def plot(shown: dict, path: str) -> None:
 
 def run(config, model, params, tokenizer, out_dir: str, tag: str = "") -> dict:
   """The eval of config.density.source; writes OUT/density<tag>.json and .png."""
-  params = _replicated(params)
+  mesh = eval_mesh.EvalMesh(params, config.eval.batch_size)
   if density_pipeline.is_synthetic(config):
-    results, shown = eval_synthetic(config, model, params, tokenizer)
+    results, shown = eval_synthetic(config, model, mesh, tokenizer)
   else:
-    results, shown = eval_real(config, model, params, tokenizer)
+    results, shown = eval_real(config, model, mesh, tokenizer)
   if jax.process_index() == 0:
     out = epath.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

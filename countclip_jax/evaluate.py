@@ -34,9 +34,9 @@ import numpy as np
 import tqdm
 from absl import app, flags, logging
 from etils import epath
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from countclip_jax import cli
+from countclip_jax import eval_mesh
 from countclip_jax.data import classification
 from countclip_jax.models.clip import CLIP, normalize
 from countclip_jax.text import numbers
@@ -172,26 +172,29 @@ def plot_confusion(metrics: dict, path: str, title: str) -> None:
 
 @functools.lru_cache(maxsize=8)
 def _encoders(model: CLIP, out_sharding):
-  """Jitted (images, texts) -> normalised embeddings, once per model and mesh: training's
-  periodic evals build a new Embedder each time and would otherwise compile both again."""
-  encode = lambda method, p, x: normalize(model.apply({"params": p}, x, method=method))
+  """Jitted (params, images or texts) -> normalised embeddings, once per model and mesh:
+  training's periodic evals build a new Embedder each time and would otherwise compile both
+  again. The examples' indices pass through, replicated like the embeddings, so that every
+  process knows which row is which."""
+  encode = lambda method, p, x, example: (
+      normalize(model.apply({"params": p}, x, method=method)), example)
   jit = functools.partial(jax.jit, out_shardings=out_sharding)
   return tuple(jit(functools.partial(encode, method)) for method in ("encode_image", "encode_text"))
 
 
 class Embedder:
-  """Normalised image and text embeddings in fixed-size jitted batches (the last one padded).
+  """Normalised image and text embeddings in fixed-size jitted batches split over the devices
+  of the params' mesh (eval_mesh.py); every process gets every embedding back.
 
-  Params may be sharded over a mesh that spans processes (training's evals on a pod): inputs
-  and embeddings are then replicated over it, so every process gets every embedding back.
+  `images` / `texts` take the same rows on every process; `embedded_batches` streams a dataset
+  of which each process reads only its share.
   """
 
   def __init__(self, model: CLIP, params, tokenizer: Tokenizer, batch_size: int = 64):
-    self.model, self.params, self.tokenizer, self.batch_size = model, params, tokenizer, batch_size
-    sharding = getattr(jax.tree_util.tree_leaves(params)[0], "sharding", None)
-    self._replicated = (NamedSharding(sharding.mesh, P())
-                        if isinstance(sharding, NamedSharding) else None)
-    self._images, self._texts = _encoders(model, self._replicated)
+    self.mesh = eval_mesh.EvalMesh(params, batch_size)
+    self.model, self.params, self.tokenizer = model, self.mesh.params, tokenizer
+    self.batch_size = self.mesh.batch_size
+    self._images, self._texts = _encoders(model, self.mesh.replicated)
 
   def _batched(self, fn, x: np.ndarray) -> np.ndarray:
     out = []
@@ -200,9 +203,10 @@ class Embedder:
       pad = self.batch_size - len(chunk)
       if pad:
         chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
-      if self._replicated is not None:  # every process holds the same chunk
-        chunk = jax.device_put(chunk, self._replicated)
-      out.append(np.asarray(fn(self.params, chunk))[:self.batch_size - pad])
+      example = np.arange(self.batch_size, dtype=np.int32)
+      emb, _ = fn(self.params, self.mesh.place_everywhere(chunk),
+                  self.mesh.place_everywhere(example))
+      out.append(np.asarray(emb)[:self.batch_size - pad])
     dim = self.model.config.projection_dim
     return np.concatenate(out) if out else np.zeros((0, dim), np.float32)
 
@@ -211,6 +215,20 @@ class Embedder:
 
   def texts(self, texts: Sequence[str]) -> np.ndarray:
     return self._batched(self._texts, self.tokenizer(list(texts)))
+
+  def batches(self, dataset, where: str):
+    """This process's rows of each global eval batch of `dataset` (eval_mesh.EvalMesh)."""
+    return self.mesh.batches(dataset, where)
+
+  def process_images(self, pixels: np.ndarray, example: np.ndarray):
+    """This process's rows of one global batch -> (embeddings, example indices) of the whole
+    batch, on every process."""
+    emb, example = self._images(self.params, self.mesh.place(np.asarray(pixels, np.float32)),
+                                self.mesh.place(np.asarray(example, np.int32)))
+    return np.asarray(emb), np.asarray(example)
+
+  def gather_fields(self, batch: dict) -> dict:
+    return self.mesh.gather_fields(batch)
 
 
 def candidate_scores(embedder: Embedder, image_emb: np.ndarray, captions: Sequence[str],
@@ -246,9 +264,8 @@ def eval_synthetic(embedder: Embedder, size: int = 900, world_config=None) -> di
         "textured_prob": synthetic.WorldConfig.textured_prob, "size": size}}})
   # The same world and preprocessing as training, on the held-out split.
   dataset = pipeline.synthetic_eval_dataset(world_config, image_size, "heldout", size)
-  examples = [dataset[i] for i in range(size)]
-  pixels = np.stack([e["image"] for e in examples])
-  image_emb = embedder.images(pixels)
+  image_emb, rows, _ = embedded_dataset(embedder, dataset, "synthetic")
+  examples = [dict(zip(rows, values)) for values in zip(*(v.tolist() for v in rows.values()))]
   counts = [int(e["number"]) for e in examples]
   scores = candidate_scores(embedder, image_emb, [e["caption"] for e in examples], counts)
   results = {"counting": counting_metrics(scores, counts)}
@@ -287,16 +304,28 @@ def eval_synthetic(embedder: Embedder, size: int = 900, world_config=None) -> di
 
 
 def embedded_batches(embedder: Embedder, dataset, where: str):
-  """Streams a random-access eval dataset (an ImageNet never sits in memory at once): for each
-  eval batch, (image embeddings of its valid examples, those examples' fields, how many of its
-  examples are invalid: undecodable, counted as skipped)."""
-  from countclip_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  batches = pipeline.eval_batches(dataset, embedder.batch_size, process_index=0, process_count=1)
+  """Streams a random-access eval dataset (an ImageNet never sits in memory at once), each
+  process reading and embedding only its share: for each global eval batch, (image embeddings
+  of its valid examples, those examples' other fields, how many of its examples are invalid:
+  undecodable, counted as skipped), the same on every process, in dataset order."""
+  batches = embedder.batches(dataset, where)
   for batch in tqdm.tqdm(batches, total=-(-len(dataset) // embedder.batch_size), unit="batch",
                          desc=where, disable=len(dataset) <= embedder.batch_size):
-    valid = batch["valid"]
-    rows = {k: v[valid] for k, v in batch.items()}
-    yield embedder.images(rows["image"]), rows, int(np.sum(~valid & (batch["example"] >= 0)))
+    emb, example = embedder.process_images(batch["image"], batch["example"])
+    rows = embedder.gather_fields({k: v for k, v in batch.items() if k != "image"})
+    valid = rows["valid"].astype(bool)
+    rows = {k: v[valid] for k, v in rows.items()}
+    yield (eval_mesh.in_example_order(emb, example, rows["example"]), rows,
+           int(np.sum(~valid)))
+
+
+def embedded_dataset(embedder: Embedder, dataset, where: str) -> tuple[np.ndarray, dict, int]:
+  """embedded_batches, all at once: (embeddings, fields, skipped) of a small dataset."""
+  parts = list(embedded_batches(embedder, dataset, where))
+  dim = embedder.model.config.projection_dim
+  emb = np.concatenate([p[0] for p in parts]) if parts else np.zeros((0, dim), np.float32)
+  fields = {k: np.concatenate([p[1][k] for p in parts]) for k in (parts[0][1] if parts else {})}
+  return emb, fields, sum(p[2] for p in parts)
 
 
 def countbench_count_retrieval(embedder: Embedder, image_emb, captions: Sequence[str],
@@ -326,15 +355,12 @@ def eval_countbench(embedder: Embedder, source: str, retrieval_k: int = 10) -> d
   from countclip_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   dataset, skipped = pipeline.countbench_eval_dataset(
       source, embedder.model.config.vision.image_size)
-  image_emb, captions, counts = [], [], []
-  for emb, rows, invalid in embedded_batches(embedder, dataset, "CountBench"):
-    image_emb.append(emb)
-    captions.extend(str(c) for c in rows["caption"])
-    counts.extend(int(n) for n in rows["number"])
-    skipped += invalid
+  image_emb, rows, invalid = embedded_dataset(embedder, dataset, "CountBench")
+  captions, counts = [str(c) for c in rows.get("caption", [])], [int(n) for n in
+                                                                  rows.get("number", [])]
+  skipped += invalid
   if not counts:
     raise ValueError(f"No CountBench image could be read from {source} ({skipped} skipped)")
-  image_emb = np.concatenate(image_emb)
   scores = candidate_scores(embedder, image_emb, captions, counts)
   result = {"counting": counting_metrics(scores, counts, skipped=skipped)}
   retrieval = countbench_count_retrieval(embedder, image_emb, captions, counts, retrieval_k)

@@ -122,10 +122,25 @@ def test_object_phrase(caption, count, phrase):
   assert evaluate.object_phrase(caption, count) == phrase
 
 
-class CountingEmbedder:
+class OneProcessEmbedder:
+  """What eval streams need of an Embedder besides images() and texts(), on one process."""
+  batch_size = 4
+
+  def batches(self, dataset, where):
+    from countclip_jax.data import pipeline
+    return pipeline.eval_batches(dataset, self.batch_size, process_index=0, process_count=1)
+
+  def process_images(self, pixels, example):
+    return self.images(pixels), np.asarray(example)
+
+  def gather_fields(self, batch):
+    keep = np.asarray(batch["example"]) >= 0
+    return {k: np.asarray(v)[keep] for k, v in batch.items()}
+
+
+class CountingEmbedder(OneProcessEmbedder):
   """An ideal counter: an image embeds as the count its red level encodes (20 per object), a
   text as the number it states; the real tokenizer and image size, for the eval's plumbing."""
-  batch_size = 4
 
   def __init__(self, real):
     self.model, self.tokenizer = real.model, real.tokenizer
@@ -168,10 +183,9 @@ def test_countbench_count_retrieval_on_a_download_cache(embedder, tmp_path):
   assert retrieval["base_rate"]["2"] == pytest.approx(2 / 6) and retrieval["base_rate"]["5"] == 0
 
 
-class ColourEmbedder:
+class ColourEmbedder(OneProcessEmbedder):
   """Stands in for Embedder: an image embeds as its dominant channel, a text as the colour word
   it names, so every zero-shot score is known in advance."""
-  batch_size = 4
 
   def images(self, pixels):
     return np.eye(3)[np.asarray(pixels).mean(axis=(1, 2)).argmax(-1)]

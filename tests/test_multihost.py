@@ -1,7 +1,9 @@
 """Several JAX processes train exactly as one: the input pipeline's global batch does not depend on
 the process count, and a real two-process CPU run (jax.distributed on 127.0.0.1, gloo
 collectives, one shared workdir as on a pod) matches a one-process run step for step."""
+import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -20,6 +22,7 @@ from countclip_jax.text.tokenizer import build_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.py")
+DENSITY = os.path.join(ROOT, "configs", "density.py")
 TIMEOUT = 300  # seconds for a run; a few steps take 30-60 s on a free 2-core machine
 STEPS = 4
 FAST_COMPILE = "--xla_backend_optimization_level=0"
@@ -101,7 +104,7 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path):
       # Params and optimizer state sharded across the processes (the batch still is too), and
       # the final eval computed by both from those shards.
       "--config.mesh.data=1", "--config.mesh.fsdp=2",
-      "--config.eval.datasets=synthetic", "--config.eval.size=27", "--config.eval.batch_size=9"]
+      "--config.eval.datasets=synthetic", "--config.eval.size=27", "--config.eval.batch_size=10"]
   one, two = environments(tmp_path)
   shared = tmp_path / "shared"  # one workdir for both processes, as gs:// on a pod
   logs = run_all({
@@ -134,6 +137,41 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path):
   jax.tree_util.tree_map(
       lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
       checkpoints.restore_params(str(shared)), checkpoints.restore_params(str(tmp_path / "one")))
+
+  # The eval alone, of the same params: starting the finished run again restores it and runs
+  # the final eval, as one process and as two.
+  assert_two_processes_evaluate_like_one(tmp_path, tmp_path / "one", command,
+                                         f"synthetic_step{STEPS}.json", 27, one, two)
+
+
+def assert_two_processes_evaluate_like_one(tmp_path, run, command, result, size, one, two):
+  """Two processes re-evaluating a finished `run` each read only their share of every eval
+  batch (batches of 10: process 0 rows 0-4, 10-14, ..., process 1 rows 5-9, ...), and write
+  exactly the results of one process."""
+  copies = {name: tmp_path / f"eval-{name}" for name in ("one", "two")}
+  for copy in copies.values():
+    shutil.copytree(run, copy)
+  logs = run_all({"eval-one": (command(copies["one"]), one),
+                  "eval-two-0": (command(copies["two"]), two[0]),
+                  "eval-two-1": (command(copies["two"]), two[1])}, tmp_path)
+  first = sum(min(5, size - b) for b in range(0, size, 10))
+  for name, share in (("eval-one", size), ("eval-two-0", first), ("eval-two-1", size - first)):
+    assert f"this process read {share} of {size} examples" in logs[name], logs[name][-3000:]
+  read = lambda copy: json.loads((copy / "eval" / result).read_text())
+  assert read(copies["two"]) == read(copies["one"])
+  assert read(copies["one"]) == read(run)  # the same params give the same results
+
+
+def test_two_processes_evaluate_a_density_run_like_one(tmp_path):
+  """The density task's eval with its params sharded over both processes (fsdp)."""
+  command = lambda workdir: [
+      sys.executable, "-m", "countclip_jax.main", f"--config={DENSITY}:tiny",
+      f"--workdir={workdir}", "--config.train.steps=1", "--config.mesh.data=1",
+      "--config.mesh.fsdp=2", "--config.eval.batch_size=10", "--config.density.eval_size=16"]
+  one, two = environments(tmp_path)
+  run_all({"train": (command(tmp_path / "run"), one)}, tmp_path)
+  assert_two_processes_evaluate_like_one(tmp_path, tmp_path / "run", command, "density_step1.json",
+                                         16, one, two)
 
 
 def test_preempted_on_two_processes_resumes_on_one(tmp_path):
