@@ -106,6 +106,11 @@ def base() -> ml_collections.ConfigDict:
   c.mesh.data = -1             # data-parallel axis; -1 = all devices left over
   c.mesh.fsdp = 1              # params and optimizer state sharded over this axis (ZeRO-3)
   c.mesh.model = 1             # tensor parallelism over attention heads / MLP
+  # Multislice: how many slices each axis spans (sharding.device_grid); data first, e.g.
+  # two v5e-256 slices: mesh.data=2, mesh.fsdp=256, mesh.dcn_data=2.
+  c.mesh.dcn_data = 1
+  c.mesh.dcn_fsdp = 1
+  c.mesh.dcn_model = 1
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 500

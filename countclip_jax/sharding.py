@@ -7,12 +7,14 @@ batch is split over `data` and `fsdp` together. Params name their dimensions log
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import flax.linen as nn
 import jax
 import numpy as np
 from absl import logging
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "model")
@@ -27,6 +29,17 @@ RULES = (
     ("proj", None),
     ("norm", None),
     ("layers", None),  # model.scan_layers' stacked axis: never split (the dims after it are)
+)
+
+# logical activation axis -> mesh axis, inside the train step (models/clip.py `constrain`):
+# the batch over the data axes, heads and MLP over `model`, so the layout of FSDP and tensor
+# parallelism is pinned at every layer instead of left to XLA's propagation.
+ACTIVATION_RULES = (
+    ("batch", BATCH_AXES),
+    ("length", None),
+    ("act_embed", None),
+    ("act_heads", "model"),
+    ("act_mlp", "model"),
 )
 
 
@@ -68,13 +81,54 @@ def mesh_shape(mesh_config, num_devices: int) -> tuple[int, int, int]:
   return tuple(sizes)
 
 
+def dcn_shape(mesh_config, shape: tuple[int, int, int]) -> tuple[int, int, int]:
+  """How many slices (multislice TPU) or hosts each axis of a mesh of `shape` spans:
+  mesh.dcn_data, dcn_fsdp, dcn_model (1 = within one slice: the fast ICI links only)."""
+  sizes = tuple(int(mesh_config.get(f"dcn_{a}", 1)) for a in MESH_AXES)
+  if any(d < 1 or s % d for s, d in zip(shape, sizes)):
+    raise ValueError(f"mesh.dcn_* {dict(zip(MESH_AXES, sizes))} must be >= 1 and divide the "
+                     f"mesh {dict(zip(MESH_AXES, shape))}")
+  return sizes
+
+
+def device_grid(mesh_config, devices) -> np.ndarray | None:
+  """The devices as a (data, fsdp, model) array for a multislice mesh (some mesh.dcn_* > 1):
+  each axis is `dcn` blocks of `size / dcn` devices, each block within one slice, so only the
+  axes given a dcn factor cross the slow data-centre network (put `data` there: one gradient
+  all-reduce per step). Slices are the devices' `slice_index` (TPU), else their processes.
+  None for a single-slice mesh."""
+  shape = mesh_shape(mesh_config, len(devices))
+  dcn = dcn_shape(mesh_config, shape)
+  if dcn == (1, 1, 1):
+    return None
+  ici = tuple(s // d for s, d in zip(shape, dcn))
+  try:
+    return mesh_utils.create_hybrid_device_mesh(
+        ici, dcn, devices, process_is_granule=not hasattr(devices[0], "slice_index"))
+  except (ValueError, AssertionError) as e:
+    raise ValueError(f"Cannot lay out mesh {dict(zip(MESH_AXES, shape))} with "
+                     f"mesh.dcn_* {dict(zip(MESH_AXES, dcn))} over these devices: {e}") from e
+
+
 def make_mesh(mesh_config, devices=None) -> Mesh:
   devices = jax.devices() if devices is None else devices
-  shape = mesh_shape(mesh_config, len(devices))
-  # make_mesh places devices by the TPU topology. Auto axes: shardings are given explicitly at
-  # the jit boundary and propagated by XLA inside.
-  return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3,
+  # Auto axes: shardings are given explicitly at the jit boundary and propagated by XLA inside
+  # (activations pinned by ACTIVATION_RULES).
+  axis_types = (jax.sharding.AxisType.Auto,) * 3
+  grid = device_grid(mesh_config, devices)
+  if grid is not None:
+    return Mesh(grid, MESH_AXES, axis_types=axis_types)
+  # make_mesh places devices by the TPU topology.
+  return jax.make_mesh(mesh_shape(mesh_config, len(devices)), MESH_AXES, axis_types=axis_types,
                        devices=devices)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh):
+  """Traces under this see `mesh` and ACTIVATION_RULES, so models/clip.py's `constrain` pins
+  the activations (elsewhere it does nothing)."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(ACTIVATION_RULES):
+    yield
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:

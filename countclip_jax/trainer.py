@@ -76,7 +76,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
   if config.profile.start_step < 0 or config.profile.steps < 1:
     raise ValueError(f"profile.start_step must be >= 0 (0: off) and profile.steps >= 1, got "
                      f"{config.profile.start_step} and {config.profile.steps}")
-  sharding.mesh_shape(config.mesh, num_devices)
+  sharding.dcn_shape(config.mesh, sharding.mesh_shape(config.mesh, num_devices))
   if t.freeze:
     try:
       re.compile(t.freeze)
@@ -218,9 +218,25 @@ def make_train_step(task: tasks.Task, model, tx, schedule, config, mesh,
                "skipped": (~finite).astype(jnp.float32), "nonfinite_run": new_state.nonfinite}
     return new_state, metrics
 
-  return jax.jit(step, in_shardings=(shardings, task.batch_shardings(mesh)),
-                 out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=(0,),
-                 compiler_options=_compiler_options(mesh))
+  return InMesh(jax.jit(step, in_shardings=(shardings, task.batch_shardings(mesh)),
+                        out_shardings=(shardings, NamedSharding(mesh, P())),
+                        donate_argnums=(0,), compiler_options=_compiler_options(mesh)), mesh)
+
+
+class InMesh:
+  """A jitted function called and lowered under sharding.activation_sharding(mesh), so that
+  its trace pins the model's activations (models/clip.py `constrain`)."""
+
+  def __init__(self, jitted, mesh):
+    self.jitted, self.mesh = jitted, mesh
+
+  def __call__(self, *args):
+    with sharding.activation_sharding(self.mesh):
+      return self.jitted(*args)
+
+  def lower(self, *args):
+    with sharding.activation_sharding(self.mesh):
+      return self.jitted.lower(*args)
 
 
 def _all_finite(tree) -> jax.Array:

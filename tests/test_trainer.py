@@ -84,6 +84,20 @@ def test_sharded_step_equals_one_device(tokenizer):
                            params, ref_params)
 
 
+def test_the_step_pins_the_activations_of_every_layer(tokenizer):
+  """sharding.ACTIVATION_RULES reach the model inside the jitted step (models/clip.py
+  `constrain`): the batch over data x fsdp, heads and MLP over model."""
+  config = small_config()
+  model, state, step, place = setup(config, tokenizer, (2, 2, 2))
+  text = step.lower(state, place(fake_batch(config, tokenizer,
+                                            model.config.vision.image_size))).as_text()
+  constraints = [line for line in text.splitlines() if "sdy.sharding_constraint" in line]
+  for layout in ('[{"data", "fsdp"}, {}, {}]',  # the residual stream
+                 '[{"data", "fsdp"}, {}, {"model"}, {}]',  # q, k, v and attention out, by head
+                 '[{"data", "fsdp"}, {}, {"model"}]'):  # the MLP's hidden layer
+    assert any(layout in line for line in constraints), layout
+
+
 def test_a_scanned_sharded_step_equals_the_unrolled_one(tokenizer):
   """model.scan_layers on a 2x2x2 mesh (the stacked `layers` axis under the sharding rules)
   against per-layer layers on one device, from the same weights: loss, gradient norm and

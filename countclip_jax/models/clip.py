@@ -124,6 +124,22 @@ def attention_implementation(dtype, head_dim: int, masked: bool) -> str | None:
   return None
 
 
+def constrain(x, names: tuple[str | None, ...]):
+  """Pins activation `x`'s sharding by logical names, one per dimension ("batch", "length",
+  "act_embed", "act_heads", "act_mlp"), where the caller set a mesh and logical rules
+  (sharding.activation_sharding: the train step); elsewhere (evals, export, tests) a no-op. A
+  dimension its mesh axes do not divide (an odd micro-batch) is left to XLA."""
+  rules, mesh = nn.get_logical_axis_rules(), jax.sharding.get_abstract_mesh()
+  if not rules or mesh.empty:
+    return x
+  axes = []
+  for dim, axis in zip(x.shape, nn.logical_to_mesh_axes(names, rules)):
+    size = math.prod(mesh.shape[a] for a in (axis if isinstance(axis, tuple) else (axis,))
+                     if a is not None)
+    axes.append(axis if axis is not None and dim % size == 0 else None)
+  return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(*axes))
+
+
 def fused_attention(q, k, v, mask, causal):
   """Attention over (B, T, heads, head_dim) with the backend's best kernel; jax checks cuDNN's
   constraints (version, layout, sizes) when it traces, and what it refuses runs on XLA's."""
@@ -161,7 +177,8 @@ class Attention(nn.Module):
       return nn.Dense(self.width, name=name, dtype=self.dtype, param_dtype=self.param_dtype,
                       kernel_init=_init(std, out_names), bias_init=_zeros(out_names[1]))
 
-    split = lambda t: t.reshape(t.shape[:-1] + (self.heads, head_dim))
+    heads = ("batch", "length", "act_heads", None)
+    split = lambda t: constrain(t.reshape(t.shape[:-1] + (self.heads, head_dim)), heads)
     q = split(dense("q_proj", in_std, ("embed", "heads"))(x))
     k = split(dense("k_proj", in_std, ("embed", "heads"))(x))
     v = split(dense("v_proj", in_std, ("embed", "heads"))(x))
@@ -169,7 +186,7 @@ class Attention(nn.Module):
       y = self._explicit(q, k, v, mask, causal)
     else:
       y = fused_attention(q, k, v, mask, causal)
-    y = y.reshape(y.shape[:-2] + (self.width,))
+    y = constrain(y, heads).reshape(y.shape[:-2] + (self.width,))
     return dense("out_proj", self.width ** -0.5, ("heads", "embed"))(y)
 
   def _explicit(self, q, k, v, mask, causal):
@@ -201,7 +218,7 @@ class MLP(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     x = nn.Dense(self.mlp_dim, name="fc1", kernel_init=_init((2 * self.width) ** -0.5,
                  ("embed", "mlp")), bias_init=_zeros("mlp"), **kw)(x)
-    x = ACTIVATIONS[self.act](x)
+    x = constrain(ACTIVATIONS[self.act](x), ("batch", "length", "act_mlp"))
     std = self.width ** -0.5 * (2 * self.depth) ** -0.5
     return nn.Dense(self.width, name="fc2", kernel_init=_init(std, ("mlp", "embed")),
                     bias_init=_zeros("embed"), **kw)(x)
@@ -210,6 +227,9 @@ class MLP(nn.Module):
 def _layer_norm(name, eps, dtype, param_dtype):
   return nn.LayerNorm(epsilon=eps, name=name, dtype=dtype, param_dtype=param_dtype,
                       scale_init=_ones("norm"), bias_init=_zeros("norm"))
+
+
+RESIDUAL = ("batch", "length", "act_embed")  # the residual stream between layers
 
 
 class EncoderLayer(nn.Module):
@@ -222,11 +242,12 @@ class EncoderLayer(nn.Module):
   @nn.compact
   def __call__(self, x, mask, causal):
     c, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    x = constrain(x, RESIDUAL)
     h = _layer_norm("layer_norm1", c.layer_norm_eps, **kw)(x)
     x = x + Attention(c.width, c.heads, c.depth, name="self_attn", explain=self.explain,
                       **kw)(h, mask, causal)
     h = _layer_norm("layer_norm2", c.layer_norm_eps, **kw)(x)
-    return x + MLP(c.width, c.mlp_dim, c.depth, c.act, name="mlp", **kw)(h)
+    return constrain(x + MLP(c.width, c.mlp_dim, c.depth, c.act, name="mlp", **kw)(h), RESIDUAL)
 
 
 # model.remat: False, True (each layer keeps only its input: least memory, one more forward), or
