@@ -22,10 +22,12 @@ while (($#)); do
   case "$1" in
     --smoke) ARGS+=(--smoke); OUT=${OUT}-smoke; LIMIT_S=300; shift ;;
     --out) OUT=$2; shift 2 ;;
+    --limit_s) LIMIT_OVERRIDE=$2; shift 2 ;;  # e.g. a smoke run on a loaded CPU (the tests)
     --fetch-wheels) FETCH=1; shift ;;
     *) ARGS+=("$1"); shift ;;
   esac
 done
+LIMIT_S=${LIMIT_OVERRIDE:-$LIMIT_S}
 
 # What accelerator.py imports beyond a plain jax/flax/transformers GPU image, and what those
 # need that such an image may lack (pure Python but for array_record and dm-tree).
