@@ -1,14 +1,16 @@
 """Input pipeline throughput: examples/s of data.pipeline against a plain PIL loop, same run.
 
-  python benchmarks/input_pipeline.py                      # records at 224 px + synthetic demo
-  taskset -c 0 python benchmarks/input_pipeline.py --threads 0   # one core
+  python benchmarks/input_pipeline.py --source records --seconds 3   # the issue-12 check
+  python benchmarks/input_pipeline.py --threads 1 2 4 8             # more thread counts
 
 "records": JPEG pairs written to ArrayRecord shards in a temp dir, then the training pipeline
-at --image_size (decode, resize + centre crop, normalise, counterfactual captions, tokenize),
-against a loop that only decodes and resizes the same JPEGs with PIL. The ratio is pipeline /
-loop: the price of everything the pipeline does beyond decode-and-resize (or, with threads,
-what they buy). "synthetic": the CPU demo's pipeline (procedural world at 64 px, batch 128,
-p = 0.5, K = 8), which must keep up with ~2 steps/s (>= ~500 examples/s).
+at --image_size (decode, resize of the centre crop box, normalise, counterfactual captions,
+tokenize), against a loop on one thread that only decodes and resizes the same JPEGs with PIL.
+It prints the loop, the pipeline at each --threads count (data.num_threads; the batches are
+stacked and tokenized in the calling thread), and two ratios: pipeline at the first count /
+loop, and pipeline at the second / the first. "synthetic": the CPU demo's pipeline (procedural
+world at 64 px, batch 128, p = 0.5, K = 8), which must keep up with ~2 steps/s (>= ~500
+examples/s).
 """
 from __future__ import annotations
 
@@ -60,7 +62,9 @@ def pil_loop(jpegs: list[bytes], size: int, seconds: float) -> float:
 def pipeline_rate(config, tokenizer, size: int, threads: int, seconds: float) -> float:
   it = pipeline.train_iterator(config, tokenizer, size, process_index=0, process_count=1,
                                num_threads=threads)
-  for _ in range(2):  # warm-up: thread pool, first reads
+  # Warm-up: thread pool, first reads, and the prefetch buffer the threads filled meanwhile
+  # (consumed faster than they refill it), so the timing below is the steady rate.
+  for _ in range(config.data.prefetch_buffer_size + 2):
     next(it)
   done, start = 0, time.perf_counter()
   while time.perf_counter() - start < seconds:
@@ -74,8 +78,11 @@ def bench_records(args) -> None:
   with tempfile.TemporaryDirectory() as tmp:
     for name, caption in (("counting", 1), ("general", 2)):
       with records.ShardWriter(tmp, name, num_shards=4) as writer:
-        for i, pair in enumerate(pairs):
-          writer.write(pair[0], pair[caption], 2 + i % 9 if caption == 1 else 0)
+        # Each scene --copies times: grain's index shuffle costs ~320 us an example on 256
+        # records but ~30 us on 4,096 (~14 us on 1M), and real sets are large.
+        for i, pair in enumerate(pairs * args.copies):
+          number = 2 + i % len(pairs) % 9  # the world counts 2 + index % 9
+          writer.write(pair[0], pair[caption], number if caption == 1 else 0)
     config = common.base()
     config.data.source = "records"
     config.data.records.counting = os.path.join(tmp, "counting-*.array_record")
@@ -84,11 +91,17 @@ def bench_records(args) -> None:
     config.count.num_counterfactuals = args.num_counterfactuals
     tokenizer = tokenizer_lib.build_tokenizer(synthetic.vocabulary(), 77)
     base = pil_loop([p[0] for p in pairs], args.image_size, args.seconds)
-    rate = pipeline_rate(config, tokenizer, args.image_size, args.threads, args.seconds)
+    rates = [pipeline_rate(config, tokenizer, args.image_size, t, args.seconds)
+             for t in args.threads]
   print(f"records  {args.image_size}px from {args.source_width}x{args.source_height} JPEGs, "
-        f"batch {args.batch_size}, K={args.num_counterfactuals}, threads={args.threads}: "
-        f"pipeline {rate:.0f} ex/s, PIL decode+resize loop {base:.0f} ex/s, "
-        f"ratio {rate / base:.2f}")
+        f"batch {args.batch_size}, K={args.num_counterfactuals}, {os.cpu_count()} CPUs")
+  print(f"  PIL decode+resize loop, 1 thread: {base:.0f} ex/s")
+  for threads, rate in zip(args.threads, rates):
+    print(f"  pipeline, data.num_threads={threads}: {rate:.0f} ex/s")
+  print(f"  ratio pipeline({args.threads[0]}) / PIL loop: {rates[0] / base:.2f}")
+  if len(rates) > 1:
+    print(f"  ratio pipeline({args.threads[1]}) / pipeline({args.threads[0]}): "
+          f"{rates[1] / rates[0]:.2f}")
 
 
 def bench_synthetic(args) -> None:
@@ -97,9 +110,10 @@ def bench_synthetic(args) -> None:
   config.train.batch_size, config.count.fraction, config.count.num_counterfactuals = 128, 0.5, 8
   config.data.synthetic.size = 200_000
   tokenizer = tokenizer_lib.build_tokenizer(synthetic.vocabulary(), 16)
-  rate = pipeline_rate(config, tokenizer, 64, args.threads, args.seconds)
-  print(f"synthetic 64px, batch 128, p=0.5, K=8, threads={args.threads}: "
-        f"pipeline {rate:.0f} ex/s")
+  for threads in args.threads:
+    rate = pipeline_rate(config, tokenizer, 64, threads, args.seconds)
+    print(f"synthetic 64px, batch 128, p=0.5, K=8, data.num_threads={threads}: "
+          f"pipeline {rate:.0f} ex/s")
 
 
 def main(argv=None) -> int:
@@ -108,10 +122,12 @@ def main(argv=None) -> int:
   parser.add_argument("--image_size", type=int, default=224)
   parser.add_argument("--source_width", type=int, default=384)
   parser.add_argument("--source_height", type=int, default=288)
-  parser.add_argument("--num_images", type=int, default=256)
+  parser.add_argument("--num_images", type=int, default=256, help="distinct JPEG scenes")
+  parser.add_argument("--copies", type=int, default=16, help="records per scene and set")
   parser.add_argument("--batch_size", type=int, default=64)
   parser.add_argument("--num_counterfactuals", type=int, default=1)
-  parser.add_argument("--threads", type=int, default=2, help="pipeline threads (0: main only)")
+  parser.add_argument("--threads", type=int, nargs="+", default=[1, 2],
+                      help="data.num_threads counts to measure (0: the calling thread only)")
   parser.add_argument("--seconds", type=float, default=5.0, help="per measurement")
   args = parser.parse_args(argv)
   if args.source in ("records", "both"):

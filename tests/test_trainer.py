@@ -340,6 +340,10 @@ def test_weight_decay_only_on_kernels():
     ("train.max_nonfinite", 0, "train.max_nonfinite must be >= 1"),
     ("checkpoint.max_to_keep", 0, "checkpoint.max_to_keep must be >= 1"),
     ("data.context_length", 2, "data.context_length must be >= 3"),
+    ("data.num_threads", -2, r"data.num_threads must be >= 0, or -1 \(the host's cores\)"),
+    ("data.num_workers", -1, "data.num_workers must be >= 0"),
+    ("data.prefetch_buffer_size", 0, "data.prefetch_buffer_size must be >= 1"),
+    ("data.device_prefetch", -1, r"data.device_prefetch must be >= 0 \(0: none\)"),
     ("train.freeze", "([", "train.freeze '\\(\\[' is not a regular expression"),
 ])
 def test_bad_configs_fail_fast(field, value, message):

@@ -35,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import queue
 import threading
 from typing import Any, Iterator, Sequence
 
@@ -562,6 +563,67 @@ def global_batch(batch, sharding) -> Any:
   return jax.tree_util.tree_map_with_path(
       lambda p, s, sub: jax.tree_util.tree_map_with_path(
           lambda q, x: place(p + q, s, x), sub), sharding, batch, is_leaf=is_sharding)
+
+
+class DevicePrefetch:
+  """An iterator of host batches, as global jax.Arrays placed `depth` batches ahead by a thread.
+
+  While the step on batch i runs, the thread pulls batch i + 1 from `batches` (for a grain
+  iterator of rows: stacks and tokenizes it) and places it (`global_batch`), so neither waits
+  for the other. The order is `batches`' order: batch i is still a function of i. depth 0: in
+  the caller's thread, no thread at all. `close()` stops the thread, then closes `batches`
+  (grain's worker processes, when there are).
+  """
+
+  def __init__(self, batches, sharding, depth: int):
+    self.batches, self.sharding = batches, sharding
+    self.error = None  # what ended the stream (StopIteration included), raised again and again
+    self.stopping = threading.Event()
+    self.queue = queue.Queue(maxsize=max(depth, 1))
+    self.thread = None
+    if depth > 0:
+      self.thread = threading.Thread(target=self._fill, name="device-prefetch", daemon=True)
+      self.thread.start()
+
+  def _place(self):
+    return global_batch(next(self.batches), self.sharding)
+
+  def _fill(self) -> None:
+    while not self.stopping.is_set():
+      try:
+        item = (self._place(), None)
+      except BaseException as e:  # pylint: disable=broad-except  # re-raised by __next__
+        item = (None, e)
+      while not self.stopping.is_set():  # a full queue waits for the step, or for close()
+        try:
+          self.queue.put(item, timeout=0.1)
+          break
+        except queue.Full:
+          pass
+      if item[1] is not None:
+        return
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    if self.error is None and self.thread is None:
+      try:
+        return self._place()
+      except BaseException as e:
+        self.error = e
+    if self.error is None:
+      batch, self.error = self.queue.get()
+      if self.error is None:
+        return batch
+    raise self.error
+
+  def close(self) -> None:
+    self.stopping.set()
+    if self.thread is not None:
+      self.thread.join()  # at most the batch it is making
+    if hasattr(self.batches, "close"):
+      self.batches.close()
 
 
 # ---------------------------------------------------------------------------------------------
