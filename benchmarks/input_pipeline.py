@@ -48,29 +48,39 @@ def make_jpegs(n: int, width: int, height: int) -> list[tuple[bytes, str, str]]:
   return out
 
 
-def pil_loop(jpegs: list[bytes], size: int, seconds: float) -> float:
-  """Examples/s of the plain baseline: decode, convert to RGB, bicubic resize to size x size."""
-  done, start = 0, time.perf_counter()
+def _timed(step, seconds: float) -> tuple[float, float]:
+  """(examples/s of wall time, examples per CPU-second of this process, all its threads) of
+  calling step() -> examples done, for `seconds`. The CPU rate is the per-core rate, which
+  other jobs on the machine barely change; the wall rate is what threads buy."""
+  done, start, cpu = 0, time.perf_counter(), time.process_time()
   while time.perf_counter() - start < seconds:
+    done += step()
+  return done / (time.perf_counter() - start), done / (time.process_time() - cpu)
+
+
+def pil_loop(jpegs: list[bytes], size: int, seconds: float) -> tuple[float, float]:
+  """The plain baseline, one thread: decode, convert to RGB, bicubic resize to size x size."""
+  def step():
     for data in jpegs:
       image = Image.open(io.BytesIO(data)).convert("RGB").resize((size, size), Image.BICUBIC)
       np.asarray(image)
-    done += len(jpegs)
-  return done / (time.perf_counter() - start)
+    return len(jpegs)
+  return _timed(step, seconds)
 
 
-def pipeline_rate(config, tokenizer, size: int, threads: int, seconds: float) -> float:
+def pipeline_rate(config, tokenizer, size: int, threads: int, seconds: float
+                  ) -> tuple[float, float]:
   it = pipeline.train_iterator(config, tokenizer, size, process_index=0, process_count=1,
                                num_threads=threads)
   # Warm-up: thread pool, first reads, and the prefetch buffer the threads filled meanwhile
   # (consumed faster than they refill it), so the timing below is the steady rate.
   for _ in range(config.data.prefetch_buffer_size + 2):
     next(it)
-  done, start = 0, time.perf_counter()
-  while time.perf_counter() - start < seconds:
+
+  def step():
     batch = next(it)
-    done += len(batch["count"]["text"]) + len(batch["general"]["text"])
-  return done / (time.perf_counter() - start)
+    return len(batch["count"]["text"]) + len(batch["general"]["text"])
+  return _timed(step, seconds)
 
 
 def bench_records(args) -> None:
@@ -90,18 +100,28 @@ def bench_records(args) -> None:
     config.train.batch_size, config.count.fraction = args.batch_size, 0.25
     config.count.num_counterfactuals = args.num_counterfactuals
     tokenizer = tokenizer_lib.build_tokenizer(synthetic.vocabulary(), 77)
-    base = pil_loop([p[0] for p in pairs], args.image_size, args.seconds)
-    rates = [pipeline_rate(config, tokenizer, args.image_size, t, args.seconds)
-             for t in args.threads]
+    # Rounds interleave the contenders, so that a shared machine's load hits them alike.
+    loop, rates = [], {t: [] for t in args.threads}
+    for _ in range(args.rounds):
+      loop.append(pil_loop([p[0] for p in pairs], args.image_size, args.seconds))
+      for threads in args.threads:
+        rates[threads].append(pipeline_rate(config, tokenizer, args.image_size, threads,
+                                            args.seconds))
+  median = lambda pairs, i: float(np.median([p[i] for p in pairs]))
+  show = lambda pairs: (f"{median(pairs, 0):.0f} ex/s, {median(pairs, 1):.0f} ex/CPU-s" + (
+      f" (medians of {', '.join(f'{p[0]:.0f}' for p in pairs)} ex/s)" if len(pairs) > 1 else ""))
   print(f"records  {args.image_size}px from {args.source_width}x{args.source_height} JPEGs, "
-        f"batch {args.batch_size}, K={args.num_counterfactuals}, {os.cpu_count()} CPUs")
-  print(f"  PIL decode+resize loop, 1 thread: {base:.0f} ex/s")
-  for threads, rate in zip(args.threads, rates):
-    print(f"  pipeline, data.num_threads={threads}: {rate:.0f} ex/s")
-  print(f"  ratio pipeline({args.threads[0]}) / PIL loop: {rates[0] / base:.2f}")
-  if len(rates) > 1:
+        f"batch {args.batch_size}, K={args.num_counterfactuals}, {os.cpu_count()} CPUs, "
+        f"load average {os.getloadavg()[0]:.1f}")
+  print(f"  PIL decode+resize loop, 1 thread: {show(loop)}")
+  for threads in args.threads:
+    print(f"  pipeline, data.num_threads={threads}: {show(rates[threads])}")
+  first, *more = [median(rates[t], 0) for t in args.threads]
+  print(f"  ratio pipeline({args.threads[0]}) / PIL loop: {first / median(loop, 0):.2f} "
+        f"(per CPU-second: {median(rates[args.threads[0]], 1) / median(loop, 1):.2f})")
+  if more:
     print(f"  ratio pipeline({args.threads[1]}) / pipeline({args.threads[0]}): "
-          f"{rates[1] / rates[0]:.2f}")
+          f"{more[0] / first:.2f}")
 
 
 def bench_synthetic(args) -> None:
@@ -111,9 +131,9 @@ def bench_synthetic(args) -> None:
   config.data.synthetic.size = 200_000
   tokenizer = tokenizer_lib.build_tokenizer(synthetic.vocabulary(), 16)
   for threads in args.threads:
-    rate = pipeline_rate(config, tokenizer, 64, threads, args.seconds)
+    rate, per_cpu = pipeline_rate(config, tokenizer, 64, threads, args.seconds)
     print(f"synthetic 64px, batch 128, p=0.5, K=8, data.num_threads={threads}: "
-          f"pipeline {rate:.0f} ex/s")
+          f"pipeline {rate:.0f} ex/s, {per_cpu:.0f} ex/CPU-s")
 
 
 def main(argv=None) -> int:
@@ -129,6 +149,7 @@ def main(argv=None) -> int:
   parser.add_argument("--threads", type=int, nargs="+", default=[1, 2],
                       help="data.num_threads counts to measure (0: the calling thread only)")
   parser.add_argument("--seconds", type=float, default=5.0, help="per measurement")
+  parser.add_argument("--rounds", type=int, default=1, help="interleaved repeats (median)")
   args = parser.parse_args(argv)
   if args.source in ("records", "both"):
     bench_records(args)

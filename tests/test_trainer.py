@@ -359,3 +359,23 @@ def test_unknown_config_key_is_refused():
   config = tiny.get_config()
   with pytest.raises(AttributeError, match="learning_rate"):
     config.train.learning_rate = 1e-3  # presets are locked: a typo is an error, not a new key
+
+
+def test_uint8_batches_are_normalised_in_the_step(tokenizer):
+  """The pipeline's uint8 images give the step the model input host-normalised floats give."""
+  from countclip_jax.data import images  # pylint: disable=g-import-not-at-top
+  config = small_config()
+  model, state, step, place = setup(config, tokenizer, (1, 1, 1), jax.devices()[:1])
+  size = model.config.vision.image_size
+  pixels = fake_batch(config, tokenizer, size)
+  rng = np.random.default_rng(0)
+  for part in ("count", "general"):
+    pixels[part]["image"] = rng.integers(0, 256, pixels[part]["image"].shape, np.uint8)
+  floats = jax.tree_util.tree_map(lambda x: x, pixels)
+  for part in ("count", "general"):
+    floats[part]["image"] = images.normalize(pixels[part]["image"])
+  _, from_floats = step(state, place(floats))
+  state = setup(config, tokenizer, (1, 1, 1), jax.devices()[:1])[1]  # (the state was donated)
+  _, from_pixels = step(state, place(pixels))
+  for key in ("loss", "count_loss", "grad_norm"):
+    np.testing.assert_allclose(from_pixels[key], from_floats[key], rtol=1e-5, err_msg=key)

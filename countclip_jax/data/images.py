@@ -305,6 +305,16 @@ def normalize(pixels: np.ndarray) -> np.ndarray:
   return out
 
 
+def normalize_on_device(pixels):
+  """A batch's images as the model takes them, inside a jitted step: uint8 pixels normalised
+  like `normalize` (the same float32 arithmetic), float32 ones (already normalised) as they
+  are. Training batches carry uint8 (data/pipeline.py); the host does no float work for them."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top  # the rest is numpy and PIL
+  if pixels.dtype != jnp.uint8:
+    return pixels
+  return (pixels.astype(jnp.float32) / 255.0 - CLIP_MEAN) / CLIP_STD
+
+
 def preprocess(image: Image.Image | bytes, size: int = 224, *,
                rng: np.random.Generator | int | None = None,
                scale: tuple[float, float] = CROP_SCALE, ratio: tuple[float, float] = CROP_RATIO,
