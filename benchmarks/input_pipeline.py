@@ -74,7 +74,7 @@ def pipeline_rate(config, tokenizer, size: int, threads: int, seconds: float
                                num_threads=threads)
   # Warm-up: thread pool, first reads, and the prefetch buffer the threads filled meanwhile
   # (consumed faster than they refill it), so the timing below is the steady rate.
-  for _ in range(config.data.prefetch_buffer_size + 2):
+  for _ in range(config.data.get("prefetch_buffer_size", 2) + 2):  # (.get: older configs)
     next(it)
 
   def step():
