@@ -33,7 +33,8 @@ def base() -> ml_collections.ConfigDict:
   c.data.num_threads = -1      # threads preparing examples per process (or per worker process);
                                # -1 = the host's cores (divided among the workers); 0 = none
   c.data.num_workers = 0       # grain worker processes per host making whole batches (0 = none:
-                               # threads alone, which scale since decoding releases the GIL)
+                               # threads alone; the GIL caps them at ~2-3 threads' worth, so
+                               # a TPU host feeding B/32 needs many, see PERFORMANCE.md)
   c.data.prefetch_buffer_size = 2  # batches prepared ahead on the host
   c.data.device_prefetch = 2   # batches placed on the devices ahead of the step (0 = none)
   c.data.synthetic = ml_collections.ConfigDict()
