@@ -1,16 +1,18 @@
 """Input pipeline throughput: examples/s of data.pipeline against a plain PIL loop, same run.
 
-  python benchmarks/input_pipeline.py --source records --seconds 3   # the issue-12 check
-  python benchmarks/input_pipeline.py --threads 1 2 4 8             # more thread counts
+  python benchmarks/input_pipeline.py --source records --seconds 3 --rounds 3  # issue 12's check
+  python benchmarks/input_pipeline.py --threads 1 2 4 8                         # more threads
 
 "records": JPEG pairs written to ArrayRecord shards in a temp dir, then the training pipeline
-at --image_size (decode, resize of the centre crop box, normalise, counterfactual captions,
-tokenize), against a loop on one thread that only decodes and resizes the same JPEGs with PIL.
-It prints the loop, the pipeline at each --threads count (data.num_threads; the batches are
-stacked and tokenized in the calling thread), and two ratios: pipeline at the first count /
-loop, and pipeline at the second / the first. "synthetic": the CPU demo's pipeline (procedural
-world at 64 px, batch 128, p = 0.5, K = 8), which must keep up with ~2 steps/s (>= ~500
-examples/s).
+at --image_size (decode, resize of the centre crop box, counterfactual captions, stack uint8
+pixels, tokenize; normalising is the step's, on the devices), against a loop on one thread
+that only decodes and resizes the same JPEGs with PIL. It prints the loop, the pipeline at
+each --threads count (data.num_threads; the batches are stacked and tokenized in the calling
+thread), each as examples/s of wall time and per CPU-second of the process (the per-core rate,
+which other jobs on a shared machine move less), and two ratios: pipeline at the first count /
+loop, and pipeline at the second / the first. --rounds interleaves repeats and reports medians.
+"synthetic": the CPU demo's pipeline (procedural world at 64 px, batch 128, p = 0.5, K = 8),
+which must keep up with ~2 steps/s (>= ~500 examples/s).
 """
 from __future__ import annotations
 
