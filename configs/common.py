@@ -29,7 +29,14 @@ def base() -> ml_collections.ConfigDict:
   c.data.context_length = 77   # text tokens (CLIP's is 77); captions are fitted around the number
   c.data.augment = False       # random resized crop for training images
   c.data.balance_numbers = True  # sample counting examples uniformly over two..ten
-  c.data.num_workers = 0       # grain worker processes per host (0 = in the main process)
+  # Host input (data/pipeline.py iterate; docs/PERFORMANCE.md "Can the input pipeline keep up?").
+  c.data.num_threads = -1      # threads preparing examples per process (or per worker process);
+                               # -1 = the host's cores (divided among the workers); 0 = none
+  c.data.num_workers = 0       # grain worker processes per host making whole batches (0 = none:
+                               # threads alone; the GIL caps them at ~2-3 threads' worth, so
+                               # a TPU host feeding B/32 needs many, see PERFORMANCE.md)
+  c.data.prefetch_buffer_size = 2  # batches prepared ahead on the host
+  c.data.device_prefetch = 2   # batches placed on the devices ahead of the step (0 = none)
   c.data.synthetic = ml_collections.ConfigDict()
   c.data.synthetic.size = 100_000        # examples in the train split (held-out: eval.size)
   c.data.synthetic.distractor_prob = 0.3

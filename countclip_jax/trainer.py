@@ -61,6 +61,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
       "eval.batch_size": (config.eval.batch_size >= 1, ">= 1"),
       "data.context_length": (config.data.context_length >= 3, ">= 3 (bos, a token, eos)"),
       "data.num_workers": (config.data.num_workers >= 0, ">= 0"),
+      "data.num_threads": (config.data.num_threads >= -1, ">= 0, or -1 (the host's cores)"),
+      "data.prefetch_buffer_size": (config.data.prefetch_buffer_size >= 1, ">= 1"),
+      "data.device_prefetch": (config.data.device_prefetch >= 0, ">= 0 (0: none)"),
   }
   for name, (ok, rule) in ranges.items():
     if not ok:
@@ -413,12 +416,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                        shardings)
   del pretrained
 
-  # ---- Input: this process's share of every global batch from `start` on.
-  train_iter = task.train_iterator(config, tokenizer, model, start=start)
-
   # ---- The step.
   train_step = make_train_step(task, model, tx, schedule, config, mesh, shardings)
-  batch_sharding = task.batch_shardings(mesh)
+
+  # ---- Input: this process's share of every global batch from `start` on, placed on the
+  # devices data.device_prefetch batches ahead of the step.
+  train_iter = pipeline.DevicePrefetch(task.train_iterator(config, tokenizer, model, start=start),
+                                       task.batch_shardings(mesh), config.data.device_prefetch)
   evaluate = lambda step: writer.write(step, task.evaluate(
       config, model, state.params, tokenizer, str(workdir), step), prefix="eval")
 
@@ -435,7 +439,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   try:
     for step in range(start + 1, t.steps + 1):
       profile.before(step)
-      batch = pipeline.global_batch(next(train_iter), batch_sharding)
+      batch = next(train_iter)
       state, metrics = train_step(state, batch)
       profile.after(step, metrics)
       # Read the previous step's counter while this one runs: no stall of the device queue.
@@ -483,8 +487,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     profile.close()
     manager.wait_until_finished()
     manager.close()
-    if hasattr(train_iter, "close"):  # grain's worker processes, when data.num_workers > 0
-      train_iter.close()
+    train_iter.close()  # its thread, and grain's worker processes when data.num_workers > 0
     progress.close()
     writer.close()
     watch.close()

@@ -108,6 +108,9 @@ class GcsEmulator:
     return {
         "STORAGE_EMULATOR_HOST": self.url,  # google-cloud-storage and gcsfs (epath)
         "TENSORSTORE_GCS_HTTP_URL": self.url,  # Orbax's arrays
+        # google-cloud-cpp: ArrayRecord's own gs:// reader (riegeli GcsReader), which uses no
+        # credentials with it set (without it, it waits on the metadata server).
+        "CLOUD_STORAGE_EMULATOR_ENDPOINT": self.url,
         "GOOGLE_AUTH_TOKEN_FOR_TESTING": "x",  # TensorStore asks for no real credentials
         "FSSPEC_GCS_TOKEN": "anon",  # gcsfs: no credentials lookup
         "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",  # its bucket-type probe fails here

@@ -1,6 +1,6 @@
-"""gs:// workdirs end to end, against a GCS emulator on 127.0.0.1 (tests/gcs_emulator.py): Orbax
-checkpoints, kill -9 and resume, metrics and TensorBoard in the bucket, export to gs:// and
-load_pretrained from it.
+"""gs:// end to end, against a GCS emulator on 127.0.0.1 (tests/gcs_emulator.py): training
+records read from the bucket; workdirs: Orbax checkpoints, kill -9 and resume, metrics and
+TensorBoard in the bucket, export to gs:// and load_pretrained from it.
 
 Everything that touches gs:// runs in a subprocess with the emulator's environment (gcsfs reads
 it when imported); this process only talks to the emulator's JSON API and compares arrays.
@@ -123,6 +123,69 @@ np.savez(out, ids=ids, pixels=pixels, run_logits=logits(model, params),
          **{"run/" + k: v for k, v in flax.traverse_util.flatten_dict(params, sep="/").items()},
          **{"hf/" + k: v for k, v in flax.traverse_util.flatten_dict(hf_params, sep="/").items()})
 """
+
+
+# The records pipeline on gs:// shards (ArrayRecord's reader, gcsfs for the glob and the numbers
+# sidecars), 3 threads preparing rows: its first batches, flattened into an npz.
+READ_RECORDS = """
+import sys, jax, numpy as np
+from configs import common
+from countclip_jax.data import pipeline, synthetic
+from countclip_jax.text.tokenizer import build_tokenizer
+counting, general, out = sys.argv[1:]
+config = common.base()
+config.data.source, config.data.records.counting, config.data.records.general = (
+    "records", counting, general)
+config.train.batch_size, config.count.fraction, config.data.augment = 8, 0.5, True
+tokenizer = build_tokenizer(synthetic.vocabulary() + ["cats", "dogs", "photo", "of"], 16)
+it = pipeline.train_iterator(config, tokenizer, 32, process_index=0, process_count=1,
+                             num_threads=3, start=1)
+batches = [next(it) for _ in range(3)]
+np.savez(out, **{f"{i}{jax.tree_util.keystr(k)}": v for i, b in enumerate(batches)
+                 for k, v in jax.tree_util.tree_flatten_with_path(b)[0]})
+"""
+
+
+def test_records_pipeline_reads_array_record_shards_from_gcs(gcs, children, gs_env, tmp_path):
+  """Training pairs straight from gs:// ArrayRecord shards: the batches of the same shards
+  read from a local directory."""
+  import io  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from configs import common  # pylint: disable=g-import-not-at-top
+  from countclip_jax.data import pipeline, records, synthetic  # pylint: disable=g-import-not-at-top
+  from countclip_jax.text import numbers  # pylint: disable=g-import-not-at-top
+  from countclip_jax.text.tokenizer import build_tokenizer  # pylint: disable=g-import-not-at-top
+  local = tmp_path / "records"
+  for name, ids in (("counting", range(20)), ("general", range(100, 120))):
+    with records.ShardWriter(str(local), name, num_shards=3) as writer:
+      for i in ids:
+        image = io.BytesIO()
+        Image.new("RGB", (40, 30), (i, 255 - i, 7)).save(image, "JPEG" if i % 2 else "PNG")
+        n = 2 + i % 9 if name == "counting" else 0
+        caption = f"a photo of {numbers.NUMBER_WORDS[n]} cats" if n else "a photo of dogs"
+        writer.write(image.getvalue(), caption, n, key=str(i))
+  for path in sorted(local.iterdir()):  # shards and their numbers sidecars
+    gcs.write(BUCKET, f"records/{path.name}", path.read_bytes())
+  pattern = lambda root, name: f"{root}/{name}-*.array_record"
+  remote = f"gs://{BUCKET}/records"
+  children.run("read", ["-c", READ_RECORDS, pattern(remote, "counting"),
+                        pattern(remote, "general"), str(tmp_path / "gcs.npz")], gs_env)
+  got = np.load(tmp_path / "gcs.npz")
+
+  config = common.base()
+  config.data.source = "records"
+  config.data.records.counting = pattern(local, "counting")
+  config.data.records.general = pattern(local, "general")
+  config.train.batch_size, config.count.fraction, config.data.augment = 8, 0.5, True
+  tokenizer = build_tokenizer(synthetic.vocabulary() + ["cats", "dogs", "photo", "of"], 16)
+  it = pipeline.train_iterator(config, tokenizer, 32, process_index=0, process_count=1,
+                               num_threads=0, start=1)
+  want = {f"{i}{jax.tree_util.keystr(k)}": v for i in range(3)
+          for k, v in jax.tree_util.tree_flatten_with_path(next(it))[0]}
+  assert sorted(got.files) == sorted(want) and len(want) == 21
+  for key, value in want.items():
+    np.testing.assert_array_equal(got[key], value, err_msg=key)
+  assert got["0['count']['image']"].shape == (4, 32, 32, 3)
 
 
 def committed_steps(gcs, run) -> list[int]:

@@ -396,3 +396,42 @@ def test_extreme_aspect_ratio_peak_memory_stays_small():
   out = json.loads(result.stdout)
   assert out["reasons"] == ["extreme aspect ratio"] * 6
   assert out["grown_kib"] < 50 << 10  # < 50 MiB over the interpreter's own (was 4.1 GB)
+
+
+def test_normalize_table_is_the_arithmetic():
+  """The uint8 look-up is bit-identical to (x / 255 - mean) / std in float32, any shape."""
+  rng = np.random.default_rng(0)
+  every_level = np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, 1)
+  for pixels in (every_level, rng.integers(0, 256, (2, 5, 7, 3), np.uint8),
+                 rng.integers(0, 256, (9, 4, 3), np.uint8)[:, ::2]):  # a strided view too
+    want = ((pixels.astype(np.float32) / 255.0 - images.CLIP_MEAN) / images.CLIP_STD)
+    got = images.normalize(pixels)
+    assert got.dtype == np.float32 and got.shape == pixels.shape
+    np.testing.assert_array_equal(got, want.astype(np.float32))
+  floats = rng.uniform(0, 255, (4, 4, 3))  # not uint8: the arithmetic itself
+  np.testing.assert_allclose(images.normalize(floats),
+                             (floats / 255.0 - images.CLIP_MEAN) / images.CLIP_STD, atol=1e-5)
+
+
+@pytest.mark.parametrize("width,height", [(384, 288), (288, 384), (640, 480), (230, 319)])
+def test_resize_crop_box_is_the_centre_crop_resampled_from_its_box(width, height):
+  """Training's crop-box resize: the square resize_center_crop makes, within rounding (PIL's
+  two passes round differently from a box; most on noise, and _photo is noisy)."""
+  image = _photo(width, height)
+  box = np.asarray(images.resize_crop_box(image, 224), np.int16)
+  full = np.asarray(images.resize_center_crop(image, 224), np.int16)
+  assert box.shape == full.shape == (224, 224, 3)
+  difference = np.abs(box - full)
+  assert np.mean(difference) < 0.5 and np.percentile(difference, 99) <= 4, (
+      difference.max(), (difference > 0).mean())
+  assert not np.array_equal(box, full)  # really the box path, not resize_center_crop's
+
+
+@pytest.mark.parametrize("width,height,size", [(224, 300, 224), (30, 50, 48)])
+def test_resize_crop_box_of_a_small_image_is_resize_center_crop(width, height, size):
+  """At the size (only a crop) or below it (an enlargement): resize_center_crop's pixels."""
+  image = _photo(width, height)
+  np.testing.assert_array_equal(np.asarray(images.resize_crop_box(image, size)),
+                                np.asarray(images.resize_center_crop(image, size)))
+  with pytest.raises(images.BadImageError, match="^extreme aspect ratio"):
+    images.resize_crop_box(Image.new("RGB", (10, 300)), 224)

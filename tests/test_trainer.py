@@ -354,6 +354,10 @@ def test_weight_decay_only_on_kernels():
     ("train.max_nonfinite", 0, "train.max_nonfinite must be >= 1"),
     ("checkpoint.max_to_keep", 0, "checkpoint.max_to_keep must be >= 1"),
     ("data.context_length", 2, "data.context_length must be >= 3"),
+    ("data.num_threads", -2, r"data.num_threads must be >= 0, or -1 \(the host's cores\)"),
+    ("data.num_workers", -1, "data.num_workers must be >= 0"),
+    ("data.prefetch_buffer_size", 0, "data.prefetch_buffer_size must be >= 1"),
+    ("data.device_prefetch", -1, r"data.device_prefetch must be >= 0 \(0: none\)"),
     ("train.freeze", "([", "train.freeze '\\(\\[' is not a regular expression"),
 ])
 def test_bad_configs_fail_fast(field, value, message):
@@ -369,3 +373,23 @@ def test_unknown_config_key_is_refused():
   config = tiny.get_config()
   with pytest.raises(AttributeError, match="learning_rate"):
     config.train.learning_rate = 1e-3  # presets are locked: a typo is an error, not a new key
+
+
+def test_uint8_batches_are_normalised_in_the_step(tokenizer):
+  """The pipeline's uint8 images give the step the model input host-normalised floats give."""
+  from countclip_jax.data import images  # pylint: disable=g-import-not-at-top
+  config = small_config()
+  model, state, step, place = setup(config, tokenizer, (1, 1, 1), jax.devices()[:1])
+  size = model.config.vision.image_size
+  pixels = fake_batch(config, tokenizer, size)
+  rng = np.random.default_rng(0)
+  for part in ("count", "general"):
+    pixels[part]["image"] = rng.integers(0, 256, pixels[part]["image"].shape, np.uint8)
+  floats = jax.tree_util.tree_map(lambda x: x, pixels)
+  for part in ("count", "general"):
+    floats[part]["image"] = images.normalize(pixels[part]["image"])
+  _, from_floats = step(state, place(floats))
+  state = setup(config, tokenizer, (1, 1, 1), jax.devices()[:1])[1]  # (the state was donated)
+  _, from_pixels = step(state, place(pixels))
+  for key in ("loss", "count_loss", "grad_norm"):
+    np.testing.assert_allclose(from_pixels[key], from_floats[key], rtol=1e-5, err_msg=key)

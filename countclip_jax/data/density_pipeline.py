@@ -334,10 +334,10 @@ class _Batch:
             "other_valid": stack("other_valid", bool)}
 
 
-def train_dataset(config, tokenizer: tokenizer_lib.Tokenizer, image_size: int, *,
-                  process_index: int | None = None, process_count: int | None = None
-                  ) -> grain.MapDataset:
-  """The infinite MapDataset of this process's training batches (see the module docstring).
+def train_rows(config, tokenizer: tokenizer_lib.Tokenizer, image_size: int, *,
+               process_index: int | None = None, process_count: int | None = None
+               ) -> pipeline.Rows:
+  """This process's training examples, one a row (pipeline.Rows; see the module docstring).
 
   image_size: the model's; it sizes the synthetic world when density.synthetic.image_size is 0
   (real sets use density.crop_size).
@@ -352,23 +352,32 @@ def train_dataset(config, tokenizer: tokenizer_lib.Tokenizer, image_size: int, *
   prepare = _PrepareRow(crop_size(config, image_size), _sigma(config), _scale(config),
                         _template(config), e)
   seed_of = lambda k: pipeline._seed(seed, TASK_STREAM, k)  # pylint: disable=protected-access
-  # As pipeline.train_dataset: every process builds the one stream of global batches cut into
+  # As pipeline.train_rows: every process builds the one stream of global batches cut into
   # local ones and takes every P-th (its rows of each global batch); only those are read.
-  stream = _examples(config, image_size).shuffle(seed_of(0)).repeat()
-  return (stream.random_map(prepare, seed=seed_of(1))
-          .batch(batch_size // process_count, batch_fn=_Batch(tokenizer, e))
-          [process_index::process_count])
+  # pylint: disable-next=protected-access
+  stream = pipeline._endless(_examples(config, image_size).shuffle(seed_of(0)))
+  return pipeline.process_rows([stream.random_map(prepare, seed=seed_of(1))],
+                               [batch_size // process_count], _Batch(tokenizer, e),
+                               process_index, process_count)
+
+
+def train_dataset(config, tokenizer: tokenizer_lib.Tokenizer, image_size: int, *,
+                  process_index: int | None = None, process_count: int | None = None
+                  ) -> grain.MapDataset:
+  """The infinite MapDataset of this process's training batches: batch i at random access,
+  exactly what `train_iterator` yields i-th."""
+  return train_rows(config, tokenizer, image_size, process_index=process_index,
+                    process_count=process_count).batches()
 
 
 def train_iterator(config, tokenizer: tokenizer_lib.Tokenizer, image_size: int, *,
                    process_index: int | None = None, process_count: int | None = None,
-                   num_threads: int = 2, start: int = 0) -> grain.DatasetIterator:
+                   num_threads: int | None = None, start: int = 0) -> grain.DatasetIterator:
   """An infinite iterator of this process's batches from global batch `start` (a resume's step)
-  on. num_threads and config.data.num_workers as pipeline.train_iterator (workers need absl
-  flags parsed; `it.close()` stops them)."""
-  return pipeline.iterate(train_dataset(config, tokenizer, image_size,
-                                        process_index=process_index,
-                                        process_count=process_count), config, start, num_threads)
+  on. num_threads (None: config.data.num_threads), data.num_workers and data.prefetch_buffer_size
+  as pipeline.iterate (workers need absl flags parsed; `it.close()` stops them)."""
+  return pipeline.iterate(train_rows(config, tokenizer, image_size, process_index=process_index,
+                                     process_count=process_count), config, start, num_threads)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,19 +3,24 @@
 A training batch (host-local numpy; B = train.batch_size, P processes, p = count.fraction,
 C = round(p B) / P counting rows, G = B / P - C general rows, K = count.num_counterfactuals,
 S = image size, L = tokenizer.context_length):
-  {"count":   {"image": float32 (C, S, S, 3), "text": int32 (C, L), "cf_text": int32 (C, K, L),
+  {"count":   {"image": uint8 (C, S, S, 3), "text": int32 (C, L), "cf_text": int32 (C, K, L),
                "number": int32 (C,), "cf_number": int32 (C, K)},
-   "general": {"image": float32 (G, S, S, 3), "text": int32 (G, L)}}
-Images are CLIP-normalised NHWC. `cf_text[i, k]` is `text[i]`'s caption with its number word
-swapped for `cf_number[i, k]`, never equal to `number[i]`: K = 1 draws one wrong number, K = 8
-takes all eight (ascending).
+   "general": {"image": uint8 (G, S, S, 3), "text": int32 (G, L)}}
+Images are RGB NHWC pixels; the train step CLIP-normalises them on the devices
+(images.normalize_on_device: a quarter of the bytes to stack and move, no float work on the
+host); eval examples are normalised float32 on the host. `cf_text[i, k]` is `text[i]`'s
+caption with its number word swapped for `cf_number[i, k]`, never equal to `number[i]`: K = 1
+draws one wrong number, K = 8 takes all eight (ascending).
 
-The pipeline is a grain MapDataset end to end: this process's examples -> shuffle -> repeat
-(reshuffled each epoch) -> per-example random_map (image, counterfactual numbers) -> batch
-(stack + tokenize the whole batch at once). So batch i is a pure function of (config, process,
-i): the same seed gives the same batches, whatever the thread timing, and the data position is
-the step: a resume at step s asks for `train_iterator(..., start=s)`, on any process count (no
-iterator state is saved; `it.get_state()` / `it.set_state()` still work for other uses).
+Per set: examples -> shuffle -> repeat (reshuffled each epoch) -> per-example random_map
+(decode, crop, counterfactual numbers): an endless stream. `train_rows` lays this process's
+rows of every global batch out one after another (a MapDataset of examples, `Rows`);
+`iterate` has data.num_threads threads prepare them in parallel and batches them on the
+iterator (stack + tokenize the whole batch at once). So batch i is a pure function of
+(config, process, i): the same seed gives the same batches, whatever the thread timing, and
+`train_dataset(...)[i]` is the same batch at random access. The data position is the step: a
+resume at step s asks for `train_iterator(..., start=s)`, on any process count (no iterator
+state is saved; `it.get_state()` / `it.set_state()` still work for other uses).
 
 Sources (config.data.source): "synthetic" (both sets from the procedural world's train split,
 rendered at the model's size; counting rows say the number, general rows do not), "records"
@@ -34,6 +39,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import queue
 import threading
 from typing import Any, Iterator, Sequence
 
@@ -151,16 +158,23 @@ def _synthetic(config, image_size: int, counting: bool) -> _Examples:
                    counts.astype(np.int32))
 
 
-class _DecodedRecords:
-  """ArrayRecord examples with decoded images; a bad image is replaced by the next record."""
+class _DecodedRecords(grain.MapDataset):
+  """ArrayRecord examples with decoded images; a bad image is replaced by the next record.
 
-  def __init__(self, source, min_size: int):
+  A MapDataset over the records' source, not a source itself: grain then measures the record
+  bytes it reads, not (~50 us an example) the decoded example.
+  """
+
+  def __init__(self, source: grain.MapDataset, min_size: int):
+    super().__init__(source)
     self.source, self.min_size = source, min_size
 
   def __len__(self) -> int:
     return len(self.source)
 
-  def __getitem__(self, index: int) -> dict:
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
     for i in range(index, index + MAX_BAD_IMAGES_IN_A_ROW):
       record = records.decode(self.source[i % len(self)])
       try:
@@ -183,8 +197,8 @@ def _records(pattern: str, field: str, image_size: int, augment: bool) -> _Examp
     raise ValueError(f"config.{field} is empty: give the ArrayRecord glob written by "
                      "`python -m countclip_jax.data.prepare`.")
   source, paths = records.data_source(pattern)
-  decoded = _DecodedRecords(source, _min_decode_size(image_size, augment))
-  return _Examples(grain.MapDataset.source(decoded), records.numbers(paths))
+  decoded = _DecodedRecords(grain.MapDataset.source(source), _min_decode_size(image_size, augment))
+  return _Examples(decoded, records.numbers(paths))
 
 
 class _TfdsExamples:
@@ -283,13 +297,17 @@ def _stream(examples: _Examples, seed: int, balance: bool, where: str) -> grain.
 
 
 def _pixels(image, size: int, rng: np.random.Generator | None) -> np.ndarray:
+  """uint8 (S, S, 3), a training image before normalisation: the step normalises on the
+  devices (images.normalize_on_device), so the host neither computes nor copies 4-byte floats
+  (the normalising look-up took 0.6-1.4 ms an example at 224 px on this repo's 2 shared cores,
+  and a float image is 4x the bytes to stack and move)."""
   if isinstance(image, np.ndarray):  # the synthetic world renders at the model's size
     if image.shape != (size, size, 3):
       raise ValueError(f"Synthetic image of shape {image.shape}, expected {(size, size, 3)}.")
-    return images.normalize(image)
-  if rng is None:  # augment off: decoded by the training rule already; only resize and crop
-    return images.normalize(np.asarray(images.resize_center_crop(image, size)))
-  return images.preprocess(image, size, rng=rng)
+    return image
+  if rng is None:  # augment off: decoded by the training rule already; resize the crop box only
+    return np.asarray(images.resize_crop_box(image, size))
+  return np.asarray(images.random_resized_crop(image, size, rng))
 
 
 def counterfactual_numbers(number: int, k: int, rng: np.random.Generator) -> np.ndarray:
@@ -381,7 +399,7 @@ class _GeneralBatch:
 
 
 def _empty(kind: str, size: int, k: int, length: int) -> dict:
-  image = np.zeros((0, size, size, 3), np.float32)
+  image = np.zeros((0, size, size, 3), np.uint8)
   if kind == "general":
     return {"image": image, "text": np.zeros((0, length), np.int32)}
   return {"image": image, "text": np.zeros((0, length), np.int32),
@@ -389,76 +407,161 @@ def _empty(kind: str, size: int, k: int, length: int) -> dict:
           "cf_number": np.zeros((0, k), np.int32)}
 
 
-class _Combine:
-  """(counting batch, general batch) -> the batch dict; a missing side gets empty arrays."""
+class _Batch:
+  """This process's rows of one global batch (its C counting rows, then its G general ones) ->
+  the batch dict; a side without rows gets empty arrays."""
 
-  def __init__(self, empty_count: dict | None, empty_general: dict | None):
-    self.empty_count, self.empty_general = empty_count, empty_general
+  def __init__(self, tokenizer, count: int, general: int, image_size: int, k: int):
+    self.count, self.general = count, general
+    self.count_fn, self.general_fn = _CountingBatch(tokenizer), _GeneralBatch(tokenizer)
+    length = tokenizer.context_length
+    self.empty_count = _empty("count", image_size, k, length)
+    self.empty_general = _empty("general", image_size, k, length)
 
-  def __call__(self, parts) -> dict:
-    parts = list(parts) if isinstance(parts, tuple) else [parts]
-    count = self.empty_count if self.empty_count is not None else parts.pop(0)
-    general = self.empty_general if self.empty_general is not None else parts.pop(0)
-    return {"count": count, "general": general}
+  def __call__(self, rows: Sequence[dict]) -> dict:
+    rows = list(rows)
+    c = self.count
+    return {"count": self.count_fn(rows[:c]) if c else self.empty_count,
+            "general": self.general_fn(rows[c:]) if self.general else self.empty_general}
 
 
-def train_dataset(config, tokenizer: tokenizer_lib.Tokenizer, image_size: int, *,
-                  process_index: int | None = None, process_count: int | None = None
-                  ) -> grain.MapDataset:
-  """The infinite MapDataset of this process's training batches (see the module docstring)."""
+class _ProcessRows(grain.MapDataset):
+  """Row j of this process's batches -> the example it holds.
+
+  Part k (e.g. counting, general) gives each global batch P * n_k consecutive examples of its
+  stream, cut into local batches of n_k; process p holds local batch b P + p of every part in
+  its batch b: rows [0, n_0) from part 0, then n_1 from part 1, ... So the rows are the same
+  whatever the process count, and a process reads only its own. (A MapDataset over the parts,
+  not a `MapDataset.source`: grain measures every source read, ~0.1 ms an example.)
+  """
+
+  def __init__(self, parts: Sequence[grain.MapDataset], sizes: Sequence[int],
+               process_index: int, process_count: int):
+    super().__init__(list(parts))
+    self.parts, self.sizes = list(parts), list(sizes)
+    self.process_index, self.process_count = process_index, process_count
+    self.rows = sum(sizes)
+    # Endless in practice; capped so that len() stays an int64 (see STREAM_ROWS).
+    self.num_batches = min(STREAM_ROWS // n for n in sizes) // process_count
+
+  def __len__(self) -> int:
+    return self.num_batches * self.rows
+
+  def __getitem__(self, j):
+    if isinstance(j, slice):
+      return self.slice(j)
+    b, r = divmod(int(j), self.rows)
+    local = b * self.process_count + self.process_index
+    for part, n in zip(self.parts, self.sizes):
+      if r < n:
+        return part[local * n + r]
+      r -= n
+    raise IndexError(j)  # unreachable: r < self.rows
+
+
+@dataclasses.dataclass
+class Rows:
+  """A task's training input, one example a row: `dataset` holds this process's rows, batch
+  after batch (`batch_rows` each); `batch_fn` turns one batch's rows into the batch."""
+  dataset: grain.MapDataset
+  batch_rows: int
+  batch_fn: Any
+
+  def batches(self) -> grain.MapDataset:
+    """The MapDataset of batches: random access to batch i (tests, tools)."""
+    return self.dataset.batch(self.batch_rows, batch_fn=self.batch_fn)
+
+
+def process_rows(parts: Sequence[grain.MapDataset], sizes: Sequence[int], batch_fn,
+                 process_index: int, process_count: int) -> Rows:
+  """Rows of endless example streams `parts`, n_k = sizes[k] of part k a local batch (parts of
+  size 0 left out), for process `process_index` of `process_count` (see _ProcessRows)."""
+  kept = [(part, n) for part, n in zip(parts, sizes) if n]
+  rows = _ProcessRows([p for p, _ in kept], [n for _, n in kept], process_index, process_count)
+  return Rows(rows, rows.rows, batch_fn)
+
+
+def train_rows(config, tokenizer: tokenizer_lib.Tokenizer, image_size: int, *,
+               process_index: int | None = None, process_count: int | None = None) -> Rows:
+  """This process's training examples, one a row (each decoded, cropped, normalised and given
+  its counterfactual numbers on its own), and how a batch's rows become the batch."""
   process_index, process_count = _process(process_index, process_count)
   c, g = split_sizes(config.train.batch_size, config.count.fraction, process_count)
   k = _num_counterfactuals(config.count.num_counterfactuals)
   count_examples, general_examples = _sources(config, image_size, c > 0, g > 0)
   seed, augment = config.train.seed, config.data.augment
   # The global batch must not depend on the process count: every process builds the same
-  # stream (seeds (seed, 0, stream), as one process always had) cut into local batches, and
-  # takes every P-th from its own, i.e. its rows of each global batch. Only those are read.
-  mine = slice(process_index, None, process_count)
-  parts = []
+  # streams (seeds (seed, 0, stream), as one process always had); random_map draws each
+  # example's randomness from its place in its stream, so any process or thread gets the same.
+  parts = [None, None]
   if c:
     stream = _stream(count_examples, _seed(seed, 0, 0), config.data.balance_numbers, "counting")
-    parts.append(stream.random_map(_PrepareCounting(image_size, augment, k), seed=_seed(seed, 0, 1))
-                 .batch(c, batch_fn=_CountingBatch(tokenizer))[mine])
+    parts[0] = stream.random_map(_PrepareCounting(image_size, augment, k), seed=_seed(seed, 0, 1))
   if g:
     stream = _stream(general_examples, _seed(seed, 0, 2), False, "general")
-    parts.append(stream.random_map(_PrepareGeneral(image_size, augment), seed=_seed(seed, 0, 3))
-                 .batch(g, batch_fn=_GeneralBatch(tokenizer))[mine])
-  length = tokenizer.context_length
-  combine = _Combine(None if c else _empty("count", image_size, k, length),
-                     None if g else _empty("general", image_size, k, length))
-  if len(parts) == 2:  # both infinite, but "infinite" batch counts differ: cut to the shorter
-    n = min(len(p) for p in parts)
-    return grain.experimental.ZipMapDataset(parents=[p[:n] for p in parts]).map(combine)
-  return parts[0].map(combine)
+    parts[1] = stream.random_map(_PrepareGeneral(image_size, augment), seed=_seed(seed, 0, 3))
+  return process_rows(parts, (c, g), _Batch(tokenizer, c, g, image_size, k), process_index,
+                      process_count)
+
+
+def train_dataset(config, tokenizer: tokenizer_lib.Tokenizer, image_size: int, *,
+                  process_index: int | None = None, process_count: int | None = None
+                  ) -> grain.MapDataset:
+  """The infinite MapDataset of this process's training batches (see the module docstring):
+  batch i at random access, exactly what `train_iterator` yields i-th."""
+  return train_rows(config, tokenizer, image_size, process_index=process_index,
+                    process_count=process_count).batches()
 
 
 def train_iterator(config, tokenizer: tokenizer_lib.Tokenizer, image_size: int, *,
                    process_index: int | None = None, process_count: int | None = None,
-                   num_threads: int = 2, start: int = 0) -> grain.DatasetIterator:
+                   num_threads: int | None = None, start: int = 0) -> grain.DatasetIterator:
   """An infinite iterator of this process's training batches from global batch `start` on.
 
   Batch i is a pure function of i whatever the process count, so a resume at step s passes
   start=s instead of restoring an iterator state (which would tie it to the process count).
-
-  num_threads: batches prepared in parallel (and so ahead of the trainer); 0 = in the caller's
-  thread. With config.data.num_workers > 0, that many worker processes (each with these
-  threads) do it: grain's workers need absl flags parsed (absl.app.run does it), and
-  `it.close()` at the end stops them cleanly.
+  num_threads: None = config.data.num_threads; see `iterate`.
   """
-  return iterate(train_dataset(config, tokenizer, image_size, process_index=process_index,
-                               process_count=process_count), config, start, num_threads)
+  return iterate(train_rows(config, tokenizer, image_size, process_index=process_index,
+                            process_count=process_count), config, start, num_threads)
 
 
-def iterate(batches: grain.MapDataset, config, start: int, num_threads: int
+def host_threads(config) -> int:
+  """config.data.num_threads, with -1 = this process's cores (shared out among the
+  data.num_workers worker processes, when there are)."""
+  threads = config.data.num_threads
+  if threads != -1:
+    return threads
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  return max(1, (cores or 1) // max(1, config.data.num_workers))
+
+
+def iterate(rows: Rows, config, start: int, num_threads: int | None = None
             ) -> grain.DatasetIterator:
-  """Batches `start`, `start` + 1, ... of a MapDataset of batches, prepared ahead by threads
-  (and config.data.num_workers worker processes): what each task's train_iterator returns."""
-  ds = batches[start:].to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
-                                                         prefetch_buffer_size=num_threads))
+  """Batches `start`, `start` + 1, ... of `rows`: what each task's train_iterator returns.
+
+  In this process (data.num_workers = 0), `num_threads` threads (None: `host_threads`; 0: the
+  caller's thread) prepare examples in parallel, up to data.prefetch_buffer_size batches ahead,
+  and the caller's thread stacks and tokenizes each batch (the trainer's device prefetch thread
+  does that). Decoding, resizing and the normalising look-up release the GIL, so threads scale
+  with cores. With data.num_workers > 0, that many worker processes (each with num_threads
+  threads) make whole batches, for per-example Python work that does not scale on threads:
+  grain gives each worker a slice of what precedes `to_iter_dataset`, so batching after it
+  would mix rows of different batches. Workers need absl flags parsed (absl.app.run does it);
+  `it.close()` stops them.
+  """
+  threads = host_threads(config) if num_threads is None else num_threads
+  ahead = config.data.prefetch_buffer_size
   if config.data.num_workers:
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.data.num_workers))
-  return iter(ds)
+    options = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=threads and
+                                max(threads, ahead))
+    ds = rows.batches()[start:].to_iter_dataset(options).mp_prefetch(
+        grain.MultiprocessingOptions(num_workers=config.data.num_workers))
+    return iter(ds)
+  options = grain.ReadOptions(num_threads=threads,
+                              prefetch_buffer_size=threads and ahead * rows.batch_rows)
+  ds = rows.dataset[start * rows.batch_rows:].to_iter_dataset(options)
+  return iter(ds.batch(rows.batch_rows, drop_remainder=True, batch_fn=rows.batch_fn))
 
 
 def global_batch(batch, sharding) -> Any:
@@ -482,6 +585,70 @@ def global_batch(batch, sharding) -> Any:
           lambda q, x: place(p + q, s, x), sub), sharding, batch, is_leaf=is_sharding)
 
 
+class DevicePrefetch:
+  """An iterator of host batches, as global jax.Arrays placed `depth` batches ahead by a thread.
+
+  While the step on batch i runs, the thread pulls batch i + 1 from `batches` (for a grain
+  iterator of rows: stacks and tokenizes it) and places it (`global_batch`), so neither waits
+  for the other. The order is `batches`' order: batch i is still a function of i. depth 0: in
+  the caller's thread, no thread at all. `close()` stops the thread, then closes `batches`
+  (grain's worker processes, when there are).
+  """
+
+  def __init__(self, batches, sharding, depth: int):
+    self.batches, self.sharding = batches, sharding
+    self.error = None  # what ended the stream (StopIteration included), raised again and again
+    self.stopping = threading.Event()
+    self.queue = queue.Queue(maxsize=max(depth, 1))
+    self.thread = None
+    if depth > 0:
+      self.thread = threading.Thread(target=self._fill, name="device-prefetch", daemon=True)
+      self.thread.start()
+
+  def _place(self):
+    return global_batch(next(self.batches), self.sharding)
+
+  def _fill(self) -> None:
+    while not self.stopping.is_set():
+      try:
+        item = (self._place(), None)
+      except BaseException as e:  # pylint: disable=broad-except  # re-raised by __next__
+        item = (None, e)
+      while not self.stopping.is_set():  # a full queue waits for the step, or for close()
+        try:
+          self.queue.put(item, timeout=0.1)
+          break
+        except queue.Full:
+          pass
+      if item[1] is not None:
+        return
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    if self.error is None and self.thread is None:
+      try:
+        return self._place()
+      except BaseException as e:
+        self.error = e
+    if self.error is None:
+      batch, self.error = self.queue.get()
+      if self.error is None:
+        return batch
+    raise self.error
+
+  def close(self, timeout: float = 120.0) -> None:
+    self.stopping.set()
+    if self.thread is not None:
+      self.thread.join(timeout)  # it finishes the batch it is making
+      if self.thread.is_alive():  # e.g. a grain worker died under it: closing may free it
+        logging.warning("Device prefetch thread still in next() after %.0f s; closing its "
+                        "iterator under it.", timeout)
+    if hasattr(self.batches, "close"):
+      self.batches.close()
+
+
 # ---------------------------------------------------------------------------------------------
 # Evaluation.
 
@@ -494,7 +661,8 @@ class _SyntheticEval:
 
   def __getitem__(self, index: int) -> dict:
     ex = self.world[index]
-    return {"image": _pixels(ex["image"], self.image_size, None), "number": ex["count"],
+    return {"image": images.normalize(_pixels(ex["image"], self.image_size, None)),
+            "number": ex["count"],
             "color": ex["color"], "shape": ex["shape"], "caption": ex["caption_with_number"],
             "general_caption": ex["caption_without_number"], "valid": True}
 

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from countclip_jax import checkpoints, losses, models, sharding
+from countclip_jax.data import images
 from countclip_jax.data import pipeline
 from countclip_jax.models import hf
 from countclip_jax.models.clip import CLIP, normalize
@@ -126,8 +127,9 @@ def features(params, batch, model: CLIP) -> dict:
   # between devices, and one big matmul beats three small ones. Images stay in two passes.
   texts = normalize(apply("encode_text", jnp.concatenate(
       [count["text"], general["text"], count["cf_text"].reshape(num_count * k, length)])))
-  return {"count_image": normalize(apply("encode_image", count["image"])),
-          "general_image": normalize(apply("encode_image", general["image"])),
+  encode_image = lambda x: normalize(apply("encode_image", images.normalize_on_device(x)))
+  return {"count_image": encode_image(count["image"]),
+          "general_image": encode_image(general["image"]),
           "count_text": texts[:num_count],
           "general_text": texts[num_count:num_count + num_general],
           "cf_text": texts[num_count + num_general:].reshape(num_count, k, texts.shape[-1])}

@@ -22,6 +22,12 @@ import tokenizers
 import transformers
 from etils import epath
 
+# The input pipeline's threads (data.num_threads) already tokenize in parallel with everything
+# else; the tokenizers library's own thread pool on top spin-waits between calls, which cost
+# up to 30 % of the records pipeline's CPU on 2 shared cores (benchmarks/input_pipeline.py,
+# 128-154 -> 171-186 examples per CPU-second, one thread). A caller's own setting wins.
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 END_OF_WORD = "</w>"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
