@@ -210,16 +210,22 @@ def resize_center_crop(image: Image.Image, size: int, *,
   BadImageError before resizing. (Cropping first, with `resize(box=...)`, bounds it to size**2
   but is not the processor's output: `resize_crop_box`, for training.)
   """
+  new, (left, top) = _center_crop_geometry(image, size, max_aspect_ratio)
+  if new != image.size:
+    image = image.resize(new, Image.BICUBIC)
+  return image.crop((left, top, left + size, top + size))
+
+
+def _center_crop_geometry(image: Image.Image, size: int, max_aspect_ratio: float):
+  """(the size the shorter side to `size` gives, the centre crop's corner in it), as
+  CLIPImageProcessorPil computes them; BadImageError past `max_aspect_ratio`."""
   width, height = image.size
   check_aspect_ratio(width, height, max_aspect_ratio)
   if width <= height:
     new = (size, int(size * height / width))
   else:
     new = (int(size * width / height), size)
-  if new != image.size:
-    image = image.resize(new, Image.BICUBIC)
-  left, top = (new[0] - size) // 2, (new[1] - size) // 2
-  return image.crop((left, top, left + size, top + size))
+  return new, ((new[0] - size) // 2, (new[1] - size) // 2)
 
 
 def resize_crop_box(image: Image.Image, size: int, *,
@@ -234,12 +240,7 @@ def resize_crop_box(image: Image.Image, size: int, *,
   transformers' exact pixels.
   """
   width, height = image.size
-  check_aspect_ratio(width, height, max_aspect_ratio)
-  if width <= height:
-    new = (size, int(size * height / width))
-  else:
-    new = (int(size * width / height), size)
-  left, top = (new[0] - size) // 2, (new[1] - size) // 2
+  new, (left, top) = _center_crop_geometry(image, size, max_aspect_ratio)
   if new[0] >= width:  # at size (only the crop) or enlarged: resize_center_crop's pixels
     # (both passes of an enlargement from a box round differently: up to 14 levels on noise).
     return resize_center_crop(image, size, max_aspect_ratio=max_aspect_ratio)
