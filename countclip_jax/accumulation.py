@@ -36,9 +36,12 @@ def _tree_add(a, b):
   return jax.tree_util.tree_map(jnp.add, a, b)
 
 
-def grad_fn(task: tasks.Task, model, config, mesh) -> GradFn:
+def grad_fn(task: tasks.Task, model, config, mesh,
+            constants: Callable[[Any], Any] = lambda params: params) -> GradFn:
+  """`constants` maps the params to what the loss sees, inside the differentiated functions
+  (the trainer's stops the gradients of frozen params there)."""
   accum = config.train.grad_accum
-  loss = functools.partial(task.loss_fn, model=model, config=config, mesh=mesh)
+  loss = lambda p, *a: task.loss_fn(constants(p), *a, model=model, config=config, mesh=mesh)
   loss_and_grad = jax.value_and_grad(loss, has_aux=True)
 
   def one_batch(params, batch, step):
@@ -56,11 +59,11 @@ def grad_fn(task: tasks.Task, model, config, mesh) -> GradFn:
 
   def cached_features(params, batch, step):
     micro = micro_batches(batch, accum)
-    features = lambda p, m: task.features(p, m, model=model, config=config)
+    features = lambda p, m: task.features(constants(p), m, model=model, config=config)
     per_micro = jax.lax.map(lambda m: features(params, m), micro)  # (A, B/A, ...) leaves
     whole = jax.tree_util.tree_map(lambda x: x.reshape(-1, *x.shape[2:]), per_micro)
-    whole_loss = lambda p, f: task.loss_from_features(p, f, step, model=model, config=config,
-                                                      mesh=mesh)
+    whole_loss = lambda p, f: task.loss_from_features(constants(p), f, step, model=model,
+                                                      config=config, mesh=mesh)
     (_, metrics), (direct, feature_grads) = jax.value_and_grad(
         whole_loss, argnums=(0, 1), has_aux=True)(params, whole)
     feature_grads = jax.tree_util.tree_map(lambda g, x: g.reshape(x.shape), feature_grads,

@@ -127,6 +127,15 @@ def freeze_labels(pattern: str, params_shapes):
   return labels
 
 
+def stop_frozen_gradients(pattern: str, params):
+  """`params` with jax.lax.stop_gradient on those train.freeze matches: their gradients are
+  zeros, not computed."""
+  if not pattern:
+    return params
+  return jax.tree_util.tree_map(lambda x, label: jax.lax.stop_gradient(x) if label == "frozen"
+                                else x, params, freeze_labels(pattern, params))
+
+
 def make_optimizer(config, params_shapes) -> tuple[optax.GradientTransformation, Any]:
   t = config.train
   schedule = optax.warmup_cosine_decay_schedule(
@@ -199,7 +208,10 @@ def make_train_step(task: tasks.Task, model, tx, schedule, config, mesh,
                     shardings: TrainState):
   """The jitted step: explicit in/out shardings, donated state, micro-batches by scan
   (accumulation.py)."""
-  gradients = accumulation.grad_fn(task, model, config, mesh)
+  # Frozen params enter the loss as constants: their (discarded) weight gradients are never
+  # computed, and grad_norm measures what trains.
+  gradients = accumulation.grad_fn(task, model, config, mesh, constants=functools.partial(
+      stop_frozen_gradients, config.train.freeze))
 
   def step(state: TrainState, batch):
     grads, metrics = gradients(state.params, batch, state.step)
