@@ -100,6 +100,7 @@ def base() -> ml_collections.ConfigDict:
                                         # CLIP-Count's: every attention weight is 1)
   c.density.contrastive_weight = 0.0  # weight of CLIP-Count's patch-text contrastive loss
   c.density.prompt_contrast_weight = 1.0  # weight of the other-prompt (absent / other kind) loss
+  c.density.count_weight = 0.0  # weight of each map's squared count error (ours; 0: CLIP-Count)
   c.density.contrastive_only_steps = 0  # first steps trained on the contrastive loss alone
   c.density.eval_size = 300    # held-out synthetic images (real sets: their whole eval split)
   c.density.eval_window_stride = 128  # sliding-window stride (px) over full real eval images

@@ -1,4 +1,4 @@
-"""benchmarks/accelerator.sh: its --smoke run end to end on this CPU, and its table's arithmetic."""
+"""benchmarks/: accelerator.sh --smoke end to end on this CPU, its table, density_step.py's parsing."""
 import json
 import os
 import subprocess
@@ -55,3 +55,17 @@ def test_a_host_without_the_jax_stack_is_told_so(tmp_path):
                            str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True,
                           env={**os.environ, "PYTHON": str(fake)}, timeout=60)
   assert result.returncode == 2 and "lacks jax:" in result.stderr, result.stderr
+
+
+def test_density_step_reads_variants_and_names_ops_by_model_part():
+  import density_step  # benchmarks/density_step.py
+  assert density_step.parse_variant("") == {}
+  assert density_step.parse_variant("heads=4+decoder_widths=[32,32,16,16]+pooling=eot") == {
+      "heads": 4, "decoder_widths": (32, 32, 16, 16), "pooling": "eot"}
+  hlo = ('  %fusion.3 = f32[2] fusion(%a), metadata={op_name="jit(<lambda>)/transpose(jvp('
+         'DensityCounter))/interaction/block_1/self_attn/div" stack_frame_id=1}\n'
+         '  %dot.7 = f32[2] dot(%b), metadata={op_name="jit(<lambda>)/jvp(DensityCounter)/'
+         'decoder/stage_0/conv"}\n')
+  assert density_step.op_parts(hlo) == {
+      "fusion.3": ("bwd", ["DensityCounter", "interaction", "block_1", "self_attn", "div"]),
+      "dot.7": ("fwd", ["DensityCounter", "decoder", "stage_0", "conv"])}

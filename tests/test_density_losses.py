@@ -98,3 +98,47 @@ def test_prompt_contrast_loss():
                                              ** 2), rtol=1e-6)
   np.testing.assert_allclose(L.prompt_contrast_loss(pred, target), mse.mean(), rtol=1e-6)
   assert float(L.prompt_contrast_loss(pred, target, np.zeros((2, 3), bool))) == 0.0
+
+
+def test_count_loss():
+  pred = RNG.rand(3, 2, 4, 4).astype(np.float32)
+  true = np.array([[0.0, 1.0], [2.0, 0.5], [3.0, 0.0]], np.float32)
+  err = pred.sum(axis=(2, 3)) / 60 - true
+  np.testing.assert_allclose(L.count_loss(pred, true), np.mean(err ** 2), rtol=1e-6)
+  np.testing.assert_allclose(L.count_loss(pred, true, scale=10.0),
+                             np.mean((pred.sum(axis=(2, 3)) / 10 - true) ** 2), rtol=1e-6)
+  weights = np.array([[1, 0], [1, 1], [0, 0]], bool)
+  np.testing.assert_allclose(L.count_loss(pred, true, weights=weights),
+                             np.mean(err[weights] ** 2), rtol=1e-6)
+
+
+def test_the_task_loss_adds_the_weighted_terms():
+  import ml_collections
+  from countclip_jax.tasks import density as task
+  pred = RNG.rand(2, 3, 4, 4).astype(np.float32)
+
+  class Model:  # what loss_fn needs of models/density.py: maps for 1 + E prompts an image
+    def apply(self, variables, image, ids):
+      assert ids.shape == (2, 3, 5)
+      return {"density": pred}
+  batch = {"image": np.zeros((2, 4, 4, 3), np.float32), "text": np.zeros((2, 5), np.int32),
+           "other_text": np.zeros((2, 2, 5), np.int32),
+           "density": 60 * RNG.rand(2, 4, 4).astype(np.float32) / 16,
+           "count": np.array([1.0, 2.0], np.float32),
+           "other_density": np.zeros((2, 2, 4, 4), np.float32),
+           "other_valid": np.array([[1, 1], [1, 0]], bool)}
+  d = ml_collections.ConfigDict({"contrastive_only_steps": 0, "contrastive_weight": 0.0,
+                                 "prompt_contrast_weight": 0.5, "count_weight": 0.1,
+                                 "scale": 60.0})
+  loss, metrics = task.loss_fn(None, batch, np.int32(5), Model(), d)
+  mse = np.mean((pred[:, 0] - batch["density"]) ** 2)
+  counted = np.mean((pred[:, 0].sum(axis=(1, 2)) / 60 - batch["count"]) ** 2)
+  extra = np.mean((pred[:, 1:] ** 2).mean(axis=(2, 3)) + 0.1 * (pred[:, 1:].sum(axis=(2, 3)) / 60)
+                  ** 2, where=batch["other_valid"])
+  np.testing.assert_allclose(metrics["count_loss"], counted, rtol=1e-6)
+  np.testing.assert_allclose(loss, mse + 0.1 * counted + 0.5 * extra, rtol=1e-6)
+  d.count_weight = 0.0  # CLIP-Count's loss: no count term anywhere
+  loss, metrics = task.loss_fn(None, batch, np.int32(5), Model(), d)
+  assert "count_loss" not in metrics
+  np.testing.assert_allclose(loss, mse + 0.5 * np.mean((pred[:, 1:] ** 2).mean(axis=(2, 3)),
+                                                       where=batch["other_valid"]), rtol=1e-6)

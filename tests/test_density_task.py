@@ -93,3 +93,14 @@ def test_count_command_counts_and_skips_a_corrupt_file(density_run, tmp_path):
   assert f"skipped {bad}" in result.stderr
   with Image.open(out / "wide_density.png") as overlay:
     assert overlay.size[0] > overlay.size[1]  # the whole wide image, not a square crop
+
+
+def test_the_fsc147_preset_is_clip_counts_recipe():
+  from configs import density
+  c = density.get_config("fsc147")
+  assert (c.model.init, c.density.model, c.density.crop_size) == (
+      "openai/clip-vit-base-patch16", "clip_count", 384)
+  assert (c.density.sigma, c.density.scale, c.density.count_weight) == (1.0, 60.0, 0.0)
+  assert (c.train.batch_size, c.train.lr, c.train.b1, c.train.b2, c.train.weight_decay) == (
+      32, 1e-4, 0.9, 0.95, 0.05)
+  assert (c.density.pooling, c.density.cross_attention) == ("eot", "tokens")  # minus its bugs

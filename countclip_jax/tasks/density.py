@@ -62,7 +62,7 @@ class Density(tasks.Task):
     if d.cross_attention not in density_model.CROSS_ATTENTIONS:
       raise ValueError(f"density.cross_attention must be one of "
                        f"{density_model.CROSS_ATTENTIONS}, got {d.cross_attention!r}")
-    for name in ("contrastive_weight", "prompt_contrast_weight"):
+    for name in ("contrastive_weight", "prompt_contrast_weight", "count_weight"):
       if not d[name] >= 0:
         raise ValueError(f"density.{name} must be >= 0, got {d[name]}")
     density_pipeline.num_other_prompts(config)  # checks source and other_prompts
@@ -143,7 +143,8 @@ class Density(tasks.Task):
 
 
 def loss_fn(params, batch, step, model, d):
-  """The prompted map's MSE (+ patch-text contrast) + the prompt contrast; (loss, metrics).
+  """The prompted map's MSE (+ its count error, + patch-text contrast) + the prompt contrast;
+  (loss, metrics).
 
   d: config.density. For its first `contrastive_only_steps` steps the patch-text contrast
   trains alone (CLIP-Count's pre-stage), then everything together.
@@ -156,6 +157,10 @@ def loss_fn(params, batch, step, model, d):
   # 0 during the contrastive pre-stage: the maps' terms are measured, not trained.
   maps_on = (step >= d.contrastive_only_steps).astype(jnp.float32)
   loss, metrics = maps_on * mse, {"density_mse": mse}
+  if d.count_weight:
+    counted = density_losses.count_loss(pred[:, 0], batch["count"], d.scale)
+    loss = loss + maps_on * d.count_weight * counted
+    metrics["count_loss"] = counted
   if d.contrastive_weight:
     contrast = density_losses.patch_text_contrastive_loss(
         out["patch_embeds"], out["text_embed"][:, 0], batch["density"])
@@ -163,7 +168,8 @@ def loss_fn(params, batch, step, model, d):
     metrics["patch_text_loss"] = contrast
   if batch["other_text"].shape[1] and d.prompt_contrast_weight:
     prompt = density_losses.prompt_contrast_loss(pred[:, 1:], batch["other_density"],
-                                                 batch["other_valid"])
+                                                 batch["other_valid"],
+                                                 count_weight=d.count_weight, scale=d.scale)
     loss = loss + maps_on * d.prompt_contrast_weight * prompt
     metrics["prompt_contrast_loss"] = prompt
   counts = density_losses.count(pred[:, 0], d.scale)
