@@ -190,9 +190,10 @@ def write_report(root: str, workdirs: dict, results: dict, seconds: dict, ablati
 
 def stage_a_key(extra: list[str]) -> dict:
   """What A's result depends on: its preset's fields (not the file's name, so an edited preset
-  retrains A) and the command-line overrides."""
-  config = demo_config.get_config(STAGES["A"][1])
-  return {"config": json.loads(config.to_json_best_effort(sort_keys=True)), "args": extra}
+  retrains A; the density task's fields are D's business) and the command-line overrides."""
+  config = json.loads(demo_config.get_config(STAGES["A"][1]).to_json_best_effort(sort_keys=True))
+  del config["density"]
+  return {"config": config, "args": extra}
 
 
 def cached(workdir: str, extra: list[str]) -> bool:
