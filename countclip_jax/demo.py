@@ -63,7 +63,9 @@ SMOKE = ("--config.train.steps=3", "--config.train.batch_size=16", "--config.eva
          "--config.density.eval_size=16")
 D_REPORT = {"mae": ("mae",), "rmse": ("rmse",), "mean_count": ("mean_count",),
             "majority_mae": ("majority", "mae"), "minority_mae": ("minority", "mae"),
-            "absent_mean": ("absent_mean",)}
+            "absent_mean": ("absent_mean",),
+            "absent_mean_color_present": ("absent_mean_color_present",),
+            "absent_mean_color_absent": ("absent_mean_color_absent",)}
 
 
 def run_stage(name: str, workdir: str, extra: list[str]) -> float:
@@ -133,14 +135,16 @@ def plot_curves(workdirs: dict, path: str) -> None:
 
 def density_table(results: dict, seconds: dict, label) -> list[str]:
   table = ["| run | MAE | RMSE | mean true count | MAE, prompted kind the majority | "
-           "MAE, prompted kind the minority | mean count for an absent kind | time |",
+           "MAE, prompted kind the minority | mean count for an absent kind (its colour in the "
+           "image / not) | time |",
            "|---|---|---|---|---|---|---|---|"]
   fmt = lambda v: "-" if v is None else f"{v:.2f}"
   for name, r in results.items():
     table.append(f"| {label(name)} | {fmt(r['mae'])} | {fmt(r['rmse'])} | "
                  f"{fmt(r['mean_count'])} | {fmt(r['majority_mae'])} | "
-                 f"{fmt(r['minority_mae'])} | {fmt(r['absent_mean'])} | "
-                 f"{seconds.get(name, 0):.0f} s |")
+                 f"{fmt(r['minority_mae'])} | {fmt(r['absent_mean'])} "
+                 f"({fmt(r.get('absent_mean_color_present'))} / "
+                 f"{fmt(r.get('absent_mean_color_absent'))}) | {seconds.get(name, 0):.0f} s |")
   return table
 
 
@@ -170,7 +174,8 @@ def write_report(root: str, workdirs: dict, results: dict, seconds: dict, ablati
            f"{scenes} held-out dense scenes (1-50 objects of the prompted kind, up to "
            "three kinds); count = the map's sum / 60, errors in objects. The minority column "
            "asks for a kind outnumbered by another in its image; the last one asks each image "
-           "for a kind it does not hold (0 is right).", "",
+           "for a kind it does not hold (0 is right), split by whether a kind of its colour is "
+           "in the image (then only the shape of 4-8 px objects tells them apart).", "",
            *d_table, ""]
   if ablations:
     lines += ["### Ablations: D with one thing changed", "",

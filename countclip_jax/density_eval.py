@@ -3,7 +3,8 @@
 Synthetic world (held-out dense scenes): MAE and RMSE of the prompted kind's count; the same
 split by whether the prompted kind is the minority of its image (FSC-147-S's question: does the
 prompt choose what is counted?); and the mean count predicted for a kind that is absent (~0
-if the prompt matters). Real sets (FSC-147, CARPK, ShanghaiTech): CLIP-Count's protocol, each
+if the prompt matters), also split by whether a kind of the absent one's colour is present
+(then only the shape tells them apart). Real sets (FSC-147, CARPK, ShanghaiTech): CLIP-Count's protocol, each
 full image (resized to the training height) right-padded and covered by square windows at a
 stride, overlapping predictions averaged, count = sum / scale; MAE and RMSE. Results go to
 OUT/density<tag>.json with a PNG of a few examples (image, target, prediction).
@@ -86,7 +87,7 @@ def eval_synthetic(config, model, mesh: eval_mesh.EvalMesh, tokenizer) -> tuple[
   predict = _predictor(model, mesh)
   scale = config.density.scale
   dataset = density_pipeline.eval_dataset(config, model.clip_config.vision.image_size)
-  true, pred, absent, minority, shown = [], [], [], [], None
+  true, pred, absent, minority, shares, shown = [], [], [], [], [], None
   for batch in mesh.batches(dataset, "density"):
     with pipeline._TOKENIZER_LOCK:  # pylint: disable=protected-access
       ids = tokenizer([*map(str, batch["prompt"]), *map(str, batch["absent_prompt"])])
@@ -94,13 +95,15 @@ def eval_synthetic(config, model, mesh: eval_mesh.EvalMesh, tokenizer) -> tuple[
     ids = np.stack([ids[:n], ids[n:]], axis=1)
     maps, sums, example = predict(mesh.params, mesh.place(batch["image"]), mesh.place(ids),
                                   mesh.place(batch["example"]))
-    rows = mesh.gather_fields({k: batch[k] for k in ("example", "valid", "count", "minority")})
+    rows = mesh.gather_fields({k: batch[k] for k in ("example", "valid", "count", "minority",
+                                                     "absent_shares_color")})
     valid = rows["valid"].astype(bool)
     counts = eval_mesh.in_example_order(sums, example, rows["example"][valid]) / scale
     true += rows["count"][valid].tolist()
     pred += counts[:, 0].tolist()
     absent += counts[:, 1].tolist()
     minority += rows["minority"][valid].tolist()
+    shares += rows["absent_shares_color"][valid].tolist()
     if shown is None:  # this process's first rows (process 0's: the dataset's first examples)
       local = eval_mesh.local_rows(maps)[:SHOWN]
       shown = {"image": np.asarray(batch["image"][:SHOWN]), "target": np.asarray(
@@ -109,11 +112,16 @@ def eval_synthetic(config, model, mesh: eval_mesh.EvalMesh, tokenizer) -> tuple[
                    batch["prompt"][:SHOWN], batch["count"][:SHOWN],
                    local[:, 0].sum(axis=(-2, -1)) / scale)]}
   true, pred, minority = np.asarray(true), np.asarray(pred), np.asarray(minority, bool)
+  absent, shares = np.asarray(absent), np.asarray(shares, bool)
+  mean = lambda x: float(np.mean(x)) if len(x) else None
   results = {**_errors(pred, true), "mean_count": float(np.mean(true)),
              "mean_predicted": float(np.mean(pred)),
              "majority": _errors(pred[~minority], true[~minority]),
              "minority": _errors(pred[minority], true[minority]),
-             "absent_mean": float(np.mean(absent))}
+             "absent_mean": float(np.mean(absent)),
+             # Split by whether a kind in the image has the absent kind's colour.
+             "absent_mean_color_present": mean(absent[shares]),
+             "absent_mean_color_absent": mean(absent[~shares])}
   return results, shown
 
 

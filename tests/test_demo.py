@@ -22,7 +22,8 @@ def test_demo_smoke(tmp_path, monkeypatch):
     assert set(stage) == {"count_accuracy", "count_mae", "color_accuracy", "shape_accuracy"}
     assert all(0 <= v <= 1 for k, v in stage.items() if k != "count_mae")
   assert set(report["D"]) == {"mae", "rmse", "mean_count", "majority_mae", "minority_mae",
-                              "absent_mean"}
+                              "absent_mean", "absent_mean_color_present",
+                              "absent_mean_color_absent"}
   d_eval = json.loads((tmp_path / "D" / "eval" / "density_step3.json").read_text())
   assert report["D"]["mae"] == d_eval["mae"] and report["D"]["minority_mae"] == (
       d_eval["minority"]["mae"])
@@ -40,10 +41,16 @@ def test_demo_smoke(tmp_path, monkeypatch):
   assert demo.cached(str(tmp_path / "A"), list(demo.SMOKE))
   assert not demo.cached(str(tmp_path / "A"), [])
   # ... and so does an edited preset.
-  edited = demo.demo_config.get_config("pretrain")
+  get_config = demo.demo_config.get_config
+  edited = get_config("pretrain")
   edited.train.steps += 1
   monkeypatch.setattr(demo.demo_config, "get_config", lambda stage: edited)
   assert not demo.cached(str(tmp_path / "A"), list(demo.SMOKE))
+  # The density task's fields are D's: A stays cached when they change.
+  density_edit = get_config("pretrain")
+  density_edit.density.scale += 1
+  monkeypatch.setattr(demo.demo_config, "get_config", lambda stage: density_edit)
+  assert demo.cached(str(tmp_path / "A"), list(demo.SMOKE))
 
 
 def test_each_ablation_changes_one_existing_field_of_stage_d():
@@ -66,8 +73,9 @@ def test_each_ablation_changes_one_existing_field_of_stage_d():
 def test_the_report_tabulates_the_ablations(tmp_path):
   from countclip_jax import demo
   row = {"mae": 2.0, "rmse": 3.0, "mean_count": 20.0, "majority_mae": 1.5, "minority_mae": 2.5,
-         "absent_mean": 0.25}
+         "absent_mean": 0.25, "absent_mean_color_present": 0.75, "absent_mean_color_absent": 0.0}
   table = demo.density_table({"D": row, "D_clip_count_pooling": {**row, "minority_mae": None}},
                              {"D": 60}, lambda n: n)
-  assert table[2] == "| D | 2.00 | 3.00 | 20.00 | 1.50 | 2.50 | 0.25 | 60 s |"
-  assert table[3] == "| D_clip_count_pooling | 2.00 | 3.00 | 20.00 | 1.50 | - | 0.25 | 0 s |"
+  assert table[2] == "| D | 2.00 | 3.00 | 20.00 | 1.50 | 2.50 | 0.25 (0.75 / 0.00) | 60 s |"
+  assert table[3] == ("| D_clip_count_pooling | 2.00 | 3.00 | 20.00 | 1.50 | - | "
+                      "0.25 (0.75 / 0.00) | 0 s |")

@@ -297,7 +297,8 @@ class DenseCounting:
   "prompt" str, "color", "shape", "count" int32, "centers" float32 (count, 2); "kinds": one dict
   per kind present (prompted one included) with the same five keys; "prompted" int32 index into
   kinds; "minority" bool (another kind has more objects); "absent_prompt" str (a kind with no
-  object in the image: its count is 0); "num_objects" int32.
+  object in the image: its count is 0); "absent_shares_color" bool (a kind present has its
+  colour); "num_objects" int32.
   """
 
   def __init__(self, config: DenseConfig = DenseConfig(), split: str = "train", seed: int = 0,
@@ -333,5 +334,8 @@ class DenseCounting:
         "prompted": np.int32(scene.prompted),
         "minority": np.bool_(scene.minority),
         "absent_prompt": prompt(*scene.absent),
+        # Whether a kind in the scene has the absent kind's colour: then only shape tells them
+        # apart, which at 4-8 px is where a counter confuses kinds.
+        "absent_shares_color": np.bool_(any(c == scene.absent[0] for c, _ in scene.kinds)),
         "num_objects": np.int32(len(scene.kind_of)),
     }

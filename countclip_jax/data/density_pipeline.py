@@ -396,7 +396,8 @@ class _DenseEval:
             "count": np.float32(ex["count"]),
             "density": density.density_map(ex["centers"], s, s, self.sigma),
             "minority": np.bool_(ex["minority"]),
-            "absent_prompt": self.template.format(ex["absent_prompt"]), "valid": True}
+            "absent_prompt": self.template.format(ex["absent_prompt"]),
+            "absent_shares_color": ex["absent_shares_color"], "valid": True}
 
 
 class _RealEval:

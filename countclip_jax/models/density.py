@@ -112,8 +112,8 @@ TINY = DensityConfig(prompt_tokens=2, prompt_depth=2, context_tokens=2, width=32
 # The CPU demo's head, on `ARCHITECTURES["demo"]` (64 px, 8 px patches: an 8x8 grid); prompts in
 # every layer of its 4. ReLU out: a sigmoid caps each pixel at 1, and 50 dots x 60 need ~3000 of
 # the 4096 pixels' mass (it undercounted, 15 of 25 objects on average). Two heads and three
-# decoder stages (the last resizes 32 -> 64 px): 1.7x faster a step than four and four
-# (benchmarks/density_step.py), the 16x16 self-attention of block 1 being the costliest part.
+# decoder stages (the last resizes 32 -> 64 px): a step 1.4x faster than four and four at batch
+# 32, the 16x16 self-attention of block 1 being the costliest part (benchmarks/density_step.py).
 DEMO = DensityConfig(prompt_tokens=4, prompt_depth=4, context_tokens=2, width=64, heads=2,
                      mlp_dim=128, decoder_widths=(32, 32, 16), input_size=64,
                      output_activation="relu")
