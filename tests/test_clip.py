@@ -168,9 +168,11 @@ def test_scanned_layers_compute_what_the_unrolled_ones_do(remat):
   # Layer 1's grads differ from layer 0's: a scan that applied one layer twice would fail.
   layers = g_plain["text_model"]["encoder"]["layers"]
   assert not np.allclose(layers["0"]["mlp"]["fc1"]["kernel"], layers["1"]["mlp"]["fc1"]["kernel"])
-  # (float32 rounding: scan's body is fused differently from the unrolled layers)
-  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
-                         g_scanned, g_plain)
+  # (float32 rounding: scan's body is fused differently from the unrolled layers; the absolute
+  # slack follows each leaf's scale: a near-zero entry of a leaf reaching ~40 moved 1.1e-5 on an
+  # Intel Xeon, family 6 model 167)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(
+      a, b, rtol=1e-4, atol=1e-5 + 1e-6 * float(np.max(np.abs(b)))), g_scanned, g_plain)
 
 
 def test_stack_and_unstack_layers_are_inverse_and_idempotent():
