@@ -20,7 +20,6 @@ import glob
 import gzip
 import json
 import os
-import platform
 import re
 import sys
 import tempfile
@@ -32,24 +31,13 @@ import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.train_step import cpu_model
 from configs import density as density_configs
 from countclip_jax import tasks, trainer
 from countclip_jax.data import synthetic
 from countclip_jax.models import density as density_model
 from countclip_jax.tasks import density as density_task
 from countclip_jax.text.tokenizer import Tokenizer, build_tokenizer
-
-
-def cpu_name() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      info = f.read()
-    model = re.search(r"model name\s*:\s*(.*)", info).group(1)
-    family = re.search(r"cpu family\s*:\s*(\d+)", info).group(1)
-    number = re.search(r"^model\s*:\s*(\d+)", info, re.M).group(1)
-    return f"{model} (family {family} model {number}), {os.cpu_count()} CPUs"
-  except (OSError, AttributeError):
-    return platform.processor() or "unknown CPU"
 
 
 def parse_variant(text: str) -> dict:
@@ -135,7 +123,7 @@ def main():
   else:
     tokenizer = build_tokenizer(synthetic.vocabulary(), config.data.context_length)
   print(f"density step (configs/density.py:demo head, batch {args.batch_size}, backbone "
-        f"{args.init or 'random demo CLIP'}), {cpu_name()}, load average "
+        f"{args.init or 'random demo CLIP'}), {cpu_model()}, load average "
         f"{os.getloadavg()[0]:.1f}")
   built = {}
   for v in args.variants:
