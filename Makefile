@@ -12,12 +12,15 @@ $(PY):
 	$(PY) -m pip install --quiet --upgrade pip
 
 # The demo needs the runtime only; the tests add pytest and torch (the parity reference).
-$(RUNTIME): $(PY) setup.py requirements.txt
-	$(PY) -m pip install --quiet -e .
+# Both install under launch/constraints.txt, the stack the TPU VMs get, so a new upstream release
+# changes neither what CI tests nor what a pod runs until the pins are moved on purpose.
+CONSTRAINTS := launch/constraints.txt
+$(RUNTIME): $(PY) setup.py requirements.txt $(CONSTRAINTS)
+	$(PY) -m pip install --quiet -c $(CONSTRAINTS) -e .
 	touch $(RUNTIME)
 
-$(TESTING): $(RUNTIME) setup.py
-	$(PY) -m pip install --quiet -e '.[test]'
+$(TESTING): $(RUNTIME) setup.py $(CONSTRAINTS)
+	$(PY) -m pip install --quiet -c $(CONSTRAINTS) -e '.[test]'
 	touch $(TESTING)
 
 setup: $(TESTING)
