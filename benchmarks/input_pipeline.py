@@ -2,6 +2,7 @@
 
   python benchmarks/input_pipeline.py --source records --seconds 3 --rounds 3  # issue 12's check
   python benchmarks/input_pipeline.py --threads 1 2 4 8                         # more threads
+  python benchmarks/input_pipeline.py --source records --profile 20  # where a row's time goes
 
 "records": JPEG pairs written to ArrayRecord shards in a temp dir, then the training pipeline
 at --image_size (decode, resize of the centre crop box, counterfactual captions, stack uint8
@@ -11,14 +12,18 @@ each --threads count (data.num_threads; the batches are stacked and tokenized in
 thread), each as examples/s of wall time and per CPU-second of the process (the per-core rate,
 which other jobs on a shared machine move less), and two ratios: pipeline at the first count /
 loop, and pipeline at the second / the first. --rounds interleaves repeats and reports medians.
+--profile N: instead, N batches of the pipeline in the calling thread (data.num_threads=0)
+under cProfile, the functions that take the most time of their own.
 "synthetic": the CPU demo's pipeline (procedural world at 64 px, batch 128, p = 0.5, K = 8),
 which must keep up with ~2 steps/s (>= ~500 examples/s).
 """
 from __future__ import annotations
 
 import argparse
+import cProfile
 import io
 import os
+import pstats
 import sys
 import tempfile
 import time
@@ -85,6 +90,22 @@ def pipeline_rate(config, tokenizer, size: int, threads: int, seconds: float
   return _timed(step, seconds)
 
 
+def profile(config, tokenizer, size: int, batches: int) -> None:
+  it = pipeline.train_iterator(config, tokenizer, size, process_index=0, process_count=1,
+                               num_threads=0)
+  next(it)  # first reads and the tokenizer's warm-up
+  profiler = cProfile.Profile()
+  start = time.perf_counter()
+  profiler.enable()
+  for _ in range(batches):
+    next(it)
+  profiler.disable()
+  examples = batches * config.train.batch_size
+  print(f"profile: {batches} batches ({examples} examples) in the calling thread, "
+        f"{(time.perf_counter() - start) / examples * 1e3:.2f} ms an example under cProfile")
+  pstats.Stats(profiler).sort_stats("tottime").print_stats(12)
+
+
 def bench_records(args) -> None:
   pairs = make_jpegs(args.num_images, args.source_width, args.source_height)
   with tempfile.TemporaryDirectory() as tmp:
@@ -102,6 +123,9 @@ def bench_records(args) -> None:
     config.train.batch_size, config.count.fraction = args.batch_size, 0.25
     config.count.num_counterfactuals = args.num_counterfactuals
     tokenizer = tokenizer_lib.build_tokenizer(synthetic.vocabulary(), 77)
+    if args.profile:
+      profile(config, tokenizer, args.image_size, args.profile)
+      return
     # Rounds interleave the contenders, so that a shared machine's load hits them alike.
     loop, rates = [], {t: [] for t in args.threads}
     for _ in range(args.rounds):
@@ -152,6 +176,8 @@ def main(argv=None) -> int:
                       help="data.num_threads counts to measure (0: the calling thread only)")
   parser.add_argument("--seconds", type=float, default=5.0, help="per measurement")
   parser.add_argument("--rounds", type=int, default=1, help="interleaved repeats (median)")
+  parser.add_argument("--profile", type=int, default=0,
+                      help="records: profile this many batches instead of timing")
   args = parser.parse_args(argv)
   if args.source in ("records", "both"):
     bench_records(args)

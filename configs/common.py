@@ -108,6 +108,13 @@ def base() -> ml_collections.ConfigDict:
   c.density.synthetic.size = 100_000  # examples in the dense world's train split
   c.density.synthetic.max_count = 50  # most objects of the prompted kind (at least 1)
   c.density.synthetic.minority_prob = 0.5  # chance another kind outnumbers the prompted one
+  # Chance that an image's absent-kind prompt names a colour in the image with another shape
+  # (else the world's absent kind, which shares a colour with one present about a quarter of
+  # the time): the negatives that make shape, not only colour, decide what is counted.
+  c.density.synthetic.hard_absent_prob = 0.0
+  # What a prompt names: "color_shape" ("red circles") or "color" ("red"; the kinds of a scene
+  # then differ in colour): one-token names, where CLIP-Count's pooling loses the name.
+  c.density.synthetic.names = "color_shape"
   c.density.synthetic.image_size = 0  # px the world renders at; 0 = the model's image size
 
   c.mesh = ml_collections.ConfigDict()

@@ -55,6 +55,14 @@ ABLATIONS = {
                                  "B", ["--config.density.cross_attention=pooled"]),
     "D_no_prompt_contrast": ("no prompt-contrast loss", "B",
                              ["--config.density.prompt_contrast_weight=0"]),
+    # One-word prompts ("red"; a scene's kinds then differ in colour), where CLIP-Count's rule
+    # pools a learned context token: the same text for every kind. A pair, the second changing
+    # one field of the first.
+    "D_color_names": ("one-word prompts, the colour (`density.synthetic.names=color`)", "B",
+                      ["--config.density.synthetic.names=color"]),
+    "D_color_names_clip_count_pooling": (
+        "one-word prompts with CLIP-Count's pooling", "B",
+        ["--config.density.synthetic.names=color", "--config.density.pooling=clip_count"]),
 }
 # --smoke: a few steps of everything, for the tests (the numbers mean nothing).
 SMOKE = ("--config.train.steps=3", "--config.train.batch_size=16", "--config.eval.size=45",

@@ -69,3 +69,11 @@ def test_density_step_reads_variants_and_names_ops_by_model_part():
   assert density_step.op_parts(hlo) == {
       "fusion.3": ("bwd", ["DensityCounter", "interaction", "block_1", "self_attn", "div"]),
       "dot.7": ("fwd", ["DensityCounter", "decoder", "stage_0", "conv"])}
+
+
+def test_input_pipeline_profile_names_where_a_row_goes(capsys):
+  import input_pipeline  # pylint: disable=import-outside-toplevel
+  assert input_pipeline.main(["--source", "records", "--num_images", "8", "--copies", "2",
+                              "--batch_size", "8", "--image_size", "32", "--profile", "2"]) == 0
+  out = capsys.readouterr().out
+  assert "profile: 2 batches (16 examples)" in out and "tottime" in out

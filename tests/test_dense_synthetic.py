@@ -43,7 +43,8 @@ def check_scene(ex, scene, config):
   for kind in ex["kinds"]:
     rgb = COLORS[kind["color"]]
     assert kind["centers"].shape == (kind["count"], 2) and kind["centers"].dtype == np.float32
-    assert kind["prompt"] == f"{kind['color']} {synthetic._PLURALS[kind['shape']]}"
+    assert kind["prompt"] == (kind["color"] if config.names == "color" else
+                              f"{kind['color']} {synthetic._PLURALS[kind['shape']]}")
     for center in kind["centers"]:
       j = int(np.flatnonzero((scene.centers == center).all(1))[0])
       rows, cols, mask = synthetic.object_mask(kind["shape"], center, float(h[j]), s)
@@ -63,7 +64,10 @@ def check_scene(ex, scene, config):
       assert ndimage.label(painted, EIGHT)[1] == len(ours)  # one piece per object
   # The absent kind really is absent (and its colour too, unless a present kind shares it).
   assert scene.absent not in scene.kinds
-  assert ex["absent_prompt"] == dense.prompt(*scene.absent)
+  assert ex["absent_prompt"] == dense.prompt(*scene.absent, config.names)
+  if config.names == "color":  # a colour names one kind: none shared, the absent one's neither
+    assert len({c for c, _ in scene.kinds} | {scene.absent[0]}) == len(scene.kinds) + 1
+    assert not ex["absent_shares_color"]
   assert ex["absent_prompt"] not in [k["prompt"] for k in ex["kinds"]]
   if scene.absent[0] not in [k["color"] for k in ex["kinds"]]:
     assert not (image == COLORS[scene.absent[0]]).all(-1).any()
@@ -74,6 +78,7 @@ def check_scene(ex, scene, config):
     (DenseConfig(), list(range(0, 50, 2)) + list(range(49, 300, 50))),
     (DenseConfig(image_size=96, max_count=100, max_objects=dense.capacity(96)), [49, 99, 150]),
     (DenseConfig(image_size=32, max_count=10, max_objects=dense.capacity(32)), range(20)),
+    (DenseConfig(names="color"), list(range(0, 50, 7)) + [49, 99]),
 ])
 def test_pixels_agree_with_every_kind(config, indices):
   world = DenseCounting(config, size=1000)
@@ -165,6 +170,9 @@ def test_prompts_use_only_the_demo_tokenizers_words():
   for i in range(0, 30, 3):
     ex = world[i]
     assert {k["prompt"] for k in ex["kinds"]} | {ex["absent_prompt"]} <= set(every)
+  # One-word names: each a single token of the demo tokenizer.
+  colors = dense.prompts(DenseConfig(names="color"))
+  assert colors == list(COLORS) and all(len(tokenizer.tokens(c)) == 1 for c in colors)
 
 
 @pytest.mark.parametrize("field,kwargs", [
@@ -184,6 +192,8 @@ def test_prompts_use_only_the_demo_tokenizers_words():
     ("margin", dict(margin=-0.1)),
     ("minority_prob", dict(minority_prob=1.5)),
     ("textured_prob", dict(textured_prob=-0.1)),
+    ("names", dict(names="shape")),
+    ("max_kinds", dict(names="color", colors=("red", "blue"), max_kinds=2)),
 ])
 def test_config_errors_name_the_field(field, kwargs):
   with pytest.raises(ValueError, match=f"DenseConfig.{field}:"):

@@ -97,6 +97,29 @@ def test_layout_and_targets_are_the_prompted_kinds(tok, world):
     assert (batch["other_density"][i, 1 + len(others):] == 0).all()
 
 
+def test_hard_absent_prompts_share_a_colour_with_a_kind_present(tok, world):
+  """hard_absent_prob=1: every first other row names an absent kind of a colour in the image
+  (a zero map); at 0 it is the world's own absent kind, as in the layout test."""
+  config = _config()
+  config.density.synthetic.hard_absent_prob = 1.0
+  texts = {tok([p])[0].tobytes(): p for p in dp.dense_synthetic.prompts()}
+  shared = 0
+  for step in range(3):
+    batch = _dataset(config, tok)[step]
+    for i in range(B):
+      ex = world[_source(world, batch["image"][i])[0]]
+      present = {k["prompt"] for k in ex["kinds"]}
+      colours = {k["color"] for k in ex["kinds"]}
+      name = texts[batch["other_text"][i, 0].tobytes()]
+      assert name not in present and name.split()[0] in colours
+      assert (batch["other_density"][i, 0] == 0).all()
+      shared += name != ex["absent_prompt"]
+  assert shared >= 3 * B - 2  # the world's own absent kind is rarely one of those
+  with pytest.raises(ValueError, match="hard_absent_prob"):
+    config.density.synthetic.hard_absent_prob = 1.5
+    _dataset(config, tok)[0]
+
+
 def test_no_other_prompts_gives_empty_axes(tok):
   batch = _dataset(_config(other_prompts=0), tok)[1]
   assert batch["other_text"].shape == (B, 0, L) and batch["other_valid"].shape == (B, 0)

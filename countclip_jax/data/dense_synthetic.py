@@ -11,7 +11,9 @@ source for `grain.MapDataset.source(...)`:
 Exact centres come out, not density maps: those are made later from `centers`. Prompts are
 "{colour} {plural shape}" and count exactly the objects of that kind; no shape-only prompts
 ("circles"), so the kinds partition the objects and every prompt uses only words of
-`synthetic.vocabulary()` (the demo tokenizer). The palette, shapes, backgrounds and drawing are
+`synthetic.vocabulary()` (the demo tokenizer). With `names="color"` the kinds of a scene have
+distinct colours and a prompt is the colour word alone ("red"): one-token names, as 53 of
+FSC-147's 89 training classes are, which is where CLIP-Count's early pooling loses the name. The palette, shapes, backgrounds and drawing are
 `synthetic`'s, so a backbone trained there sees the same objects, only smaller and more of them.
 """
 from __future__ import annotations
@@ -29,6 +31,7 @@ from countclip_jax.data.synthetic import COLORS, SHAPES, SPLITS, TEXTURES
 # are hard to tell apart this small: at 4-4.5 px the masks of circle/square, star/diamond and
 # triangle/star coincide in 10-28% of draws, and a 4 px ring breaks into two arcs in 9%.
 MIN_WIDTH = 4.0
+NAMES = ("color_shape", "color")  # what a prompt names: DenseConfig.names
 MIN_GAP = 1.1  # px between boxes: more than one, so a background pixel always separates objects
 _Q = 0.25      # raster step (px) of candidate centres; each centre is jittered within its cell
 _TRIES = 8     # uniform guesses per object before scanning the raster for free cells
@@ -63,6 +66,7 @@ class DenseConfig:
   max_object_size: float = 0.22  # (14 px at 64) shrunk for crowded scenes so they fit
   margin: float = 0.02           # gap between objects (1.3 px at 64; MIN_GAP floor)
   textured_prob: float = 0.5
+  names: str = "color_shape"     # prompts "red circles" | "color": "red" (kinds differ in colour)
 
   def __post_init__(self):
     def fail(field, need):
@@ -80,9 +84,11 @@ class DenseConfig:
         fail(field, f"distinct names from {list(known)}")
     if not 1 <= self.min_kinds <= self.max_kinds:
       fail("min_kinds", f"1 <= min_kinds <= max_kinds={self.max_kinds}")
-    if self.max_kinds >= len(self.shapes) * len(self.colors):
-      fail("max_kinds", f"< {len(self.shapes) * len(self.colors)} shape-colour pairs "
-           "(one pair is kept absent)")
+    if self.names not in NAMES:
+      fail("names", f"one of {list(NAMES)}")
+    kinds = len(self.colors) * (len(self.shapes) if self.names == "color_shape" else 1)
+    if self.max_kinds >= kinds:
+      fail("max_kinds", f"< {kinds} kinds of {self.names!r} names (one is kept absent)")
     if not 1 <= self.min_count <= self.max_count:
       fail("min_count", f"1 <= min_count <= max_count={self.max_count}")
     room = capacity(self.image_size, self.margin)
@@ -124,12 +130,16 @@ class DenseScene:
         background=self.background, texture=self.texture, texture_seed=self.texture_seed)
 
 
-def prompt(color: str, shape: str) -> str:
+def prompt(color: str, shape: str, names: str = "color_shape") -> str:
+  if names == "color":
+    return color
   return f"{color} {synthetic._PLURALS[shape]}"  # pylint: disable=protected-access
 
 
 def prompts(config: DenseConfig = DenseConfig()) -> list[str]:
   """Every prompt the config can produce (for checking a tokenizer covers them)."""
+  if config.names == "color":
+    return list(config.colors)
   return [prompt(c, s) for c in config.colors for s in config.shapes]
 
 
@@ -159,9 +169,14 @@ def sample_scene(config: DenseConfig, rng: np.random.Generator, count: int) -> D
   others = _kind_counts(config, rng, count)
   order = rng.permutation(len(others) + 1)  # kinds in random order; the prompted one is kind 0
   counts = [([count] + others)[k] for k in order]
-  pairs = rng.choice(len(config.colors) * len(config.shapes), len(counts) + 1, replace=False)
-  kinds = [(config.colors[p // len(config.shapes)], config.shapes[p % len(config.shapes)])
-           for p in pairs]
+  if config.names == "color":  # a colour names a kind: no two kinds share one
+    colors = rng.choice(len(config.colors), len(counts) + 1, replace=False)
+    shapes = rng.integers(len(config.shapes), size=len(counts) + 1)
+    kinds = [(config.colors[c], config.shapes[k]) for c, k in zip(colors, shapes)]
+  else:
+    pairs = rng.choice(len(config.colors) * len(config.shapes), len(counts) + 1, replace=False)
+    kinds = [(config.colors[p // len(config.shapes)], config.shapes[p % len(config.shapes)])
+             for p in pairs]
   kind_of = np.repeat(np.arange(len(counts)), counts).astype(np.int32)
   n = len(kind_of)
   margin = max(MIN_GAP, config.margin * s)
@@ -324,7 +339,8 @@ class DenseCounting:
 
   def __getitem__(self, index: int) -> dict:
     scene = self.scene(index)
-    kinds = [{"prompt": prompt(color, shape), "color": color, "shape": shape,
+    names = self.config.names
+    kinds = [{"prompt": prompt(color, shape, names), "color": color, "shape": shape,
               "count": np.int32(n), "centers": scene.centers[scene.kind_of == k]}
              for k, ((color, shape), n) in enumerate(zip(scene.kinds, scene.counts))]
     return {
@@ -333,7 +349,7 @@ class DenseCounting:
         "kinds": kinds,
         "prompted": np.int32(scene.prompted),
         "minority": np.bool_(scene.minority),
-        "absent_prompt": prompt(*scene.absent),
+        "absent_prompt": prompt(*scene.absent, names),
         # Whether a kind in the scene has the absent kind's colour: then only shape tells them
         # apart, which at 4-8 px is where a counter confuses kinds.
         "absent_shares_color": np.bool_(any(c == scene.absent[0] for c, _ in scene.kinds)),

@@ -14,7 +14,9 @@ Prompts are tokenized with plain truncation, a whole batch per call.
 Sources (density.source):
   synthetic  the dense world (data/dense_synthetic.py) rendered at S = density.synthetic.image_size
              (0: the model's), never cropped (a crop would only cut objects out). Other rows: the
-             world's absent kind first (E >= 1), then other kinds present, in random order,
+             world's absent kind first (E >= 1; with probability
+             density.synthetic.hard_absent_prob instead an absent kind of a colour present,
+             which only its shape tells apart), then other kinds present, in random order,
              then padding.
   fsc147, carpk, shanghaitech_a, shanghaitech_b  the published trees under density.data_dir
              (data/counting_datasets.py). Each image is resized to height S = density.crop_size
@@ -117,6 +119,13 @@ def _scale(config) -> float:
   return float(scale)
 
 
+def _hard_absent_prob(config) -> float:
+  p = config.density.synthetic.hard_absent_prob
+  if not 0 <= p <= 1:
+    raise ValueError(f"config.density.synthetic.hard_absent_prob must be in [0, 1], got {p!r}.")
+  return float(p)
+
+
 def _template(config) -> str:
   template = config.density.prompt_template
   try:
@@ -142,7 +151,7 @@ def dense_world(config, image_size: int, split: str = "train",
   # Small worlds hold fewer objects (capacity); max_count beyond that still fails, by name.
   room = min(defaults.max_objects, dense_synthetic.capacity(side, defaults.margin))
   world = dense_synthetic.DenseConfig(
-      image_size=side, max_count=s.max_count, minority_prob=s.minority_prob,
+      image_size=side, max_count=s.max_count, minority_prob=s.minority_prob, names=s.names,
       max_objects=max(room, s.max_count + defaults.min_kinds - 1))
   return dense_synthetic.DenseCounting(world, split=split, seed=pipeline.WORLD_SEED,
                                        size=s.size if size is None else size)
@@ -166,9 +175,15 @@ class _DenseExamples:
     prompted = int(ex["prompted"])
     others = [(k["prompt"], k["centers"], _kind_sigmas(k["centers"], self.sigma))
               for i, k in enumerate(ex["kinds"]) if i != prompted]
+    present = {(k["color"], k["shape"]) for k in ex["kinds"]}
+    # Absent kinds of a colour in the image: only the shape tells them from a kind present.
+    shapes = self.world.config.shapes
+    hard = [dense_synthetic.prompt(color, shape) for color in sorted({c for c, _ in present})
+            for shape in shapes if (color, shape) not in present
+            ] if self.world.config.names == "color_shape" else []
     return {"image": ex["image"], "prompt": ex["prompt"], "points": ex["centers"],
             "sigmas": _kind_sigmas(ex["centers"], self.sigma), "others": others,
-            "absent": [ex["absent_prompt"]]}
+            "absent": [ex["absent_prompt"]], "hard_absent": hard}
 
 
 def read_split(config, split: str) -> list[counting_datasets.CountingImage]:
@@ -276,9 +291,11 @@ class _PrepareRow:
   """Example -> a row: crop window and flip drawn from rng (random_crop_flip's order), the same
   for the image and every kind's points; maps made after, from the points in the window."""
 
-  def __init__(self, size: int, sigma, scale: float, template: str, num_other: int):
+  def __init__(self, size: int, sigma, scale: float, template: str, num_other: int,
+               hard_absent_prob: float = 0.0):
     self.size, self.sigma, self.scale = size, sigma, scale
     self.template, self.num_other = template, num_other
+    self.hard_absent_prob = hard_absent_prob
 
   def __call__(self, ex: dict, rng: np.random.Generator) -> dict:
     s = self.size
@@ -304,8 +321,12 @@ class _PrepareRow:
 
   def _others(self, ex: dict, move, rng: np.random.Generator):
     """Up to E (prompt, map): one absent kind first (the negative every image has), then the
-    kinds present (random order), then more absent kinds; the caller pads the rest."""
+    kinds present (random order), then more absent kinds; the caller pads the rest. With
+    probability hard_absent_prob the first is one of ex["hard_absent"] (if any) instead."""
     absent = [ex["absent"][i] for i in rng.permutation(len(ex["absent"]))]
+    hard = ex.get("hard_absent") or []
+    if hard and self.hard_absent_prob and rng.random() < self.hard_absent_prob:
+      absent.insert(0, hard[int(rng.integers(len(hard)))])
     present = [ex["others"][i] for i in rng.permutation(len(ex["others"]))]
     zero = np.zeros((self.size, self.size), np.float32)
     rows = [(name, zero) for name in absent[:1]]
@@ -350,7 +371,7 @@ def train_rows(config, tokenizer: tokenizer_lib.Tokenizer, image_size: int, *,
                      f"process count {process_count}.")
   e, seed = num_other_prompts(config), config.train.seed
   prepare = _PrepareRow(crop_size(config, image_size), _sigma(config), _scale(config),
-                        _template(config), e)
+                        _template(config), e, _hard_absent_prob(config))
   seed_of = lambda k: pipeline._seed(seed, TASK_STREAM, k)  # pylint: disable=protected-access
   # As pipeline.train_rows: every process builds the one stream of global batches cut into
   # local ones and takes every P-th (its rows of each global batch); only those are read.
