@@ -28,8 +28,9 @@ setup: $(TESTING)
 demo: $(RUNTIME)
 	$(PY) -m countclip_jax.demo $(ARGS)
 
+# --durations: the slowest tests, so the suite can be kept near its ~10 min budget.
 test: $(TESTING)
-	$(PY) -m pytest -q -n 2 tests $(ARGS)
+	$(PY) -m pytest -q -n 2 --durations=15 tests $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
