@@ -17,9 +17,9 @@ zero-shot accuracy of A, B and C, and D's count errors (all, prompted kind the m
 minority of its image, a prompt naming an absent kind), writes WORKDIR/report.md (tables,
 confusion matrices, density maps, training curves) and WORKDIR/report.json.
 
---ablations then trains D again four ways, each changing one thing (backbone A instead of B;
-CLIP-Count's end-of-text pooling; its one-key cross-attention; no prompt-contrast loss), and
-adds their table to the report.
+--ablations then trains D again six ways, each changing one thing (backbone A instead of B;
+CLIP-Count's end-of-text pooling; its one-key cross-attention; no prompt-contrast loss;
+one-word prompts, and those with CLIP-Count's pooling), and adds their table to the report.
 
 A is cached: a finished WORKDIR/A whose config matches is reused (pass --fresh to retrain it).
 """
@@ -277,7 +277,7 @@ def main(argv):
 if __name__ == "__main__":
   flags.DEFINE_string("workdir", "runs/demo", "Where the runs and the report go.")
   flags.DEFINE_bool("fresh", False, "Retrain stage A even if a finished one is cached.")
-  flags.DEFINE_bool("ablations", False, "Also train D four more ways, one change each "
+  flags.DEFINE_bool("ablations", False, "Also train D six more ways, one change each "
                     "(ABLATIONS), and tabulate them.")
   flags.DEFINE_bool("smoke", False, "A few steps of each stage (for tests; numbers mean nothing).")
   cli.run(main)
