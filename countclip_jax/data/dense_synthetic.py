@@ -13,8 +13,9 @@ Exact centres come out, not density maps: those are made later from `centers`. P
 ("circles"), so the kinds partition the objects and every prompt uses only words of
 `synthetic.vocabulary()` (the demo tokenizer). With `names="color"` the kinds of a scene have
 distinct colours and a prompt is the colour word alone ("red"): one-token names, as 53 of
-FSC-147's 89 training classes are, which is where CLIP-Count's early pooling loses the name. The palette, shapes, backgrounds and drawing are
-`synthetic`'s, so a backbone trained there sees the same objects, only smaller and more of them.
+FSC-147's 89 training classes are, which is where CLIP-Count's early pooling loses the name.
+The palette, shapes, backgrounds and drawing are `synthetic`'s, so a backbone trained there
+sees the same objects, only smaller and more of them.
 """
 from __future__ import annotations
 
