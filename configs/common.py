@@ -96,6 +96,7 @@ def base() -> ml_collections.ConfigDict:
   c.density.model = "tiny"     # models.density.PRESETS key: clip_count (B/16) | demo | tiny
   c.density.pooling = "eot"    # eot (the true end-of-text) | clip_count (its argmax of the ids
                                # before the context tokens: two tokens early, for ablations)
+  c.density.pixel_width = -1  # the decoder's pixel pathway width (ours; 0 off, -1 the preset's)
   c.density.cross_attention = "tokens"  # tokens (the prompt's token states) | pooled (one key,
                                         # CLIP-Count's: every attention weight is 1)
   c.density.contrastive_weight = 0.0  # weight of CLIP-Count's patch-text contrastive loss

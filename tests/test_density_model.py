@@ -68,7 +68,8 @@ def test_configs_are_validated():
                        (dict(cross_attention="none"), "cross_attention"),
                        (dict(blocks=5), "blocks"), (dict(decoder_widths=(16, 12)), "norm_groups"),
                        (dict(heads=3), "divisible by heads"), (dict(prompt_tokens=-1), ">= 0"),
-                       (dict(output_activation="exp"), "output_activation")]:
+                       (dict(output_activation="exp"), "output_activation"),
+                       (dict(pixel_width=12), "pixel_width"), (dict(pixel_width=-8), "pixel_width")]:
     with pytest.raises(ValueError, match=message):
       dataclasses.replace(D.TINY, **bad)
   with pytest.raises(ValueError, match="prompt_depth 3 exceeds the vision depth 2"):
@@ -159,6 +160,24 @@ def test_k_prompts_per_image_shapes_and_equal_one_call_per_prompt(tiny):
   for k in range(3):
     one = forward(model)(params, x, ids[:, k])
     np.testing.assert_allclose(out["density"][:, k], one["density"], atol=1e-5)
+
+
+def test_the_pixel_pathway_reaches_every_prompts_map_of_its_own_image():
+  model = make(pixel_width=8)
+  shapes = D.param_shapes(model)
+  assert {"pixel_0", "pixel_1", "pixel_skip", "pixel_skip_norm"} <= set(shapes["decoder"])
+  params = random_params(shapes)
+  x, ids = pixels(2), np.stack([ids_for([5], [6, 7], [8])] * 2)  # 2 images x 3 prompts
+  out = forward(model)(params, x, ids)
+  for k in range(3):  # the per-image features are repeated in the prompts' order
+    one = forward(model)(params, x, ids[:, k])
+    np.testing.assert_allclose(out["density"][:, k], one["density"], atol=1e-5)
+  # Image 1's pixels never move image 0's maps (no mixing across the batch in the repeat).
+  moved = forward(model)(params, x.at[1, 40, 40].add(5.0), ids)["density"] - out["density"]
+  assert float(jnp.abs(moved[0]).max()) == 0 and float(jnp.abs(moved[1]).max()) > 0
+  # The pathway is connected: its first conv gets a gradient.
+  grad = jit(jax.grad(lambda p: model.apply({"params": p}, x, ids)["density"].sum()))(params)
+  assert float(jnp.abs(grad["decoder"]["pixel_0"]["kernel"]).min()) > 0
 
 
 def test_clip_count_pooling_cannot_tell_one_token_names_apart(tiny):

@@ -64,6 +64,10 @@ class DensityConfig:
   norm_groups: int = 8  # GroupNorm groups in the decoder
   input_size: int = 384  # the crop the model takes; resized to CLIP's image_size inside
   output_activation: str = "sigmoid"  # sigmoid (CLIP-Count) | relu | softplus
+  # Ours, 0 = off (CLIP-Count): a trainable conv pathway of this width on the input pixels
+  # (3x3 conv, then a 3x3 conv and 2x average pooling), added into the last decoder stage, so
+  # the decoder sees shapes finer than a backbone patch.
+  pixel_width: int = 0
   dropout: float = 0.1  # on the prompts and in the interaction blocks (train=True only)
 
   def __post_init__(self):
@@ -88,6 +92,9 @@ class DensityConfig:
       # block i feeds decoder stage i through a skip, so there can be no more blocks than stages.
       raise ValueError(f"blocks must be in 1..{len(self.decoder_widths)} (decoder stages), "
                        f"got {self.blocks}")
+    if self.pixel_width < 0 or self.pixel_width % self.norm_groups:
+      raise ValueError(f"pixel_width {self.pixel_width} must be 0 or a positive multiple of "
+                       f"norm_groups {self.norm_groups}")
     if self.input_size <= 0 or self.mlp_dim <= 0:
       raise ValueError(f"input_size and mlp_dim must be positive, got {self.input_size}, "
                        f"{self.mlp_dim}")
@@ -411,16 +418,25 @@ class _Decoder(nn.Module):
   param_dtype: Dtype
 
   @nn.compact
-  def __call__(self, grids, out_shape):
+  def __call__(self, grids, out_shape, pixels=None):
+    """pixels: (B, H, W, 3) the input, when cfg.pixel_width (grids hold B*K maps)."""
     c, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
     gelu = functools.partial(jax.nn.gelu, approximate=False)
     norm = lambda name: nn.GroupNorm(c.norm_groups, epsilon=1e-5, name=name,
                                      scale_init=_ones("norm"), bias_init=_zeros("norm"), **kw)
     x = grids[0]
+    last_stage = len(c.decoder_widths) - 1
     for s, width in enumerate(c.decoder_widths):
       if 0 < s < len(grids):  # the finer interaction output, at this stage's resolution
         x = x + gelu(norm(f"skip_{s}_norm")(_conv(x.shape[-1], 1, (None, "mlp"),
                                                   f"skip_{s}", kw)(grids[s])))
+      if c.pixel_width and s == last_stage:  # once per image, then one copy per prompt
+        p = gelu(_conv(c.pixel_width, 3, (None, "mlp"), "pixel_0", kw)(pixels))
+        p = nn.avg_pool(gelu(_conv(c.pixel_width, 3, (None, "mlp"), "pixel_1", kw)(p)),
+                        (2, 2), (2, 2))
+        p = jnp.repeat(_upsample(p, x.shape[1:3]), x.shape[0] // p.shape[0], axis=0)
+        x = x + gelu(norm("pixel_skip_norm")(_conv(x.shape[-1], 1, (None, "mlp"),
+                                                   "pixel_skip", kw)(p)))
       x = gelu(norm(f"stage_{s}_norm")(_conv(width, 3, (None, "mlp"), f"stage_{s}", kw)(x)))
       last = s == len(c.decoder_widths) - 1
       x = _upsample(x, out_shape if last else (2 * x.shape[1], 2 * x.shape[2]))
@@ -501,7 +517,8 @@ class DensityCounter(nn.Module):
     key_mask = key_mask.reshape((-1, key_mask.shape[-1]))
     tokens, image_embed = self.encode_image(pixels, train)
     grids, patch_embeds = self.interaction(tokens, keys, key_mask, train)
-    density = self.decoder(grids, pixels.shape[1:3])
+    density = self.decoder(grids, pixels.shape[1:3],
+                           pixels.astype(self.dtype) if self.config.pixel_width else None)
     density = density.reshape(text.embed.shape[:-1] + density.shape[1:])
     return dict(density=density, patch_embeds=patch_embeds, text_embed=text.embed,
                 image_embed=image_embed)

@@ -29,8 +29,10 @@ def density_config(config, clip_config) -> density_model.DensityConfig:
   size (the training crop; the backbone resizes it to its own image size)."""
   _, preset = density_model.PRESETS[config.density.model]
   size = density_pipeline.crop_size(config, clip_config.vision.image_size)
+  pixel_width = config.density.pixel_width
   return dataclasses.replace(preset, pooling=config.density.pooling,
-                             cross_attention=config.density.cross_attention, input_size=size)
+                             cross_attention=config.density.cross_attention, input_size=size,
+                             pixel_width=preset.pixel_width if pixel_width < 0 else pixel_width)
 
 
 def load_backbone(init: str):
