@@ -19,6 +19,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from etils import epath
 
 from countclip_jax import eval_mesh
@@ -54,6 +55,13 @@ def sliding_window(predict, image: np.ndarray, size: int, stride: int) -> np.nda
   zeros to cover `size` x `size` windows at `stride` (the last one flush with the padding);
   `predict` maps (n, size, size, 3) windows to (n, size, size) maps; overlapping predictions
   are averaged. Returns the (size, W) map."""
+  windows, starts = cut_windows(image, size, stride)
+  return blend(np.asarray(predict(windows)), starts, image.shape[1])
+
+
+def cut_windows(image: np.ndarray, size: int, stride: int) -> tuple[np.ndarray, list[int]]:
+  """sliding_window's windows (n, size, size, 3) of the right-padded image, and their left
+  edges."""
   height, width = image.shape[:2]
   if height != size:
     raise ValueError(f"sliding_window needs images {size} high, got {image.shape}")
@@ -63,8 +71,13 @@ def sliding_window(predict, image: np.ndarray, size: int, stride: int) -> np.nda
   padded = np.zeros((size, padded_width, 3), np.float32)
   padded[:, :width] = image
   starts = list(range(0, padded_width - size + 1, stride))
-  windows = np.stack([padded[:, x:x + size] for x in starts])
-  maps = np.asarray(predict(windows))
+  return np.stack([padded[:, x:x + size] for x in starts]), starts
+
+
+def blend(maps: np.ndarray, starts: list[int], width: int) -> np.ndarray:
+  """The windows' (n, size, size) maps -> the (size, width) map, overlaps averaged."""
+  size = maps.shape[1]
+  padded_width = starts[-1] + size
   total, weight = np.zeros((size, padded_width)), np.zeros((1, padded_width))
   for x, m in zip(starts, maps):
     total[:, x:x + size] += m
@@ -147,30 +160,63 @@ def window_predictor(model, mesh: eval_mesh.EvalMesh, ids: np.ndarray):
 
 
 def eval_real(config, model, mesh: eval_mesh.EvalMesh, tokenizer) -> tuple[dict, dict]:
-  """(results, examples to draw) with the sliding window over a real set's eval split. Every
-  process reads each image (one at a time, cheap beside the model); its windows are split over
-  the devices."""
+  """(results, examples to draw) with the sliding window over a real set's eval split.
+
+  Process p of P reads images p, p + P, ... (its share) and queues their windows, each row
+  with its image's prompt; every call takes WINDOW_BATCH windows (rounded to the mesh) of
+  which each process gives its block (padded: all make the same number of calls), so windows
+  of several images share a call. Each image's maps are blended where it was read; the counts
+  are gathered by image index, so P processes give the one-process results.
+  """
   size, stride = config.density.crop_size, config.density.eval_window_stride
   scale = config.density.scale
   dataset = density_pipeline.eval_dataset(config, model.clip_config.vision.image_size)
-  true, pred, skipped, shown = [], [], 0, None
-  for i in range(len(dataset)):
+  index, count = mesh.block or (0, 1)
+  local_rows = mesh.round_up(WINDOW_BATCH) // count
+  queue, images_of, skipped, shown = [], {}, 0, None
+  for i in range(index, len(dataset), count):
     ex = dataset[i]
     image, points = density_pipeline.eval_image(ex, config)
     if image is None:
       skipped += 1
       continue
-    windows = window_predictor(model, mesh, tokenizer([ex["prompt"]])[None])
-    full = sliding_window(windows, image, size, stride)
-    true.append(len(points))
-    pred.append(float(full.sum()) / scale)
-    if shown is None:
+    windows, starts = cut_windows(image, size, stride)
+    ids = tokenizer([ex["prompt"]])
+    queue += [(i, w, ids) for w in windows]
+    images_of[i] = (ex, image, points, starts, [])
+  read = len(images_of) + skipped
+  logging.info("eval density: this process read %d of %d examples", read, len(dataset))
+  calls = max(eval_mesh.gather_objects(-(-len(queue) // local_rows)))
+  predict, whole = _predictor(model, mesh), _whole_fn(mesh.replicated)
+  length = tokenizer.context_length
+  for c in range(calls):
+    chunk = queue[c * local_rows:(c + 1) * local_rows]
+    pixels = np.zeros((local_rows, size, size, 3), np.float32)
+    ids = np.zeros((local_rows, 1, length), np.int32)
+    for r, (_, window, prompt_ids) in enumerate(chunk):
+      pixels[r], ids[r, 0] = window, prompt_ids[0]
+    example = np.arange(local_rows, dtype=np.int32)
+    maps, _, _ = predict(mesh.params, mesh.place(pixels), mesh.place(ids), mesh.place(example))
+    # This process's rows (with mesh.block None every process queued the same windows).
+    mine = eval_mesh.local_rows(maps) if mesh.block else np.asarray(whole(maps))
+    for (i, _, _), m in zip(chunk, mine[:len(chunk), 0]):
+      images_of[i][4].append(m)
+  counts = {}
+  for i, (ex, image, points, starts, maps) in images_of.items():
+    full = blend(np.stack(maps), starts, image.shape[1])
+    counts[i] = (len(points), float(full.sum()) / scale)
+    if shown is None:  # this process's first image (process 0's: the split's first)
       from countclip_jax.data import density  # pylint: disable=g-import-not-at-top
       shown = {"image": image[None], "pred": full[None] / scale,
                "target": density.density_map(points, *image.shape[:2])[None],
-               "title": [f"{ex['prompt']}: {len(points)} / {pred[-1]:.1f}"]}
+               "title": [f"{ex['prompt']}: {len(points)} / {counts[i][1]:.1f}"]}
+  parts = eval_mesh.gather_objects({"counts": sorted(counts.items()), "skipped": skipped}
+                                   ) if mesh.block else [{"counts": sorted(counts.items()),
+                                                          "skipped": skipped}]
+  every = sorted((i, c) for part in parts for i, c in part["counts"])
+  true, pred = [c[0] for _, c in every], [c[1] for _, c in every]
   return {**_errors(pred, true), "mean_count": float(np.mean(true)) if true else None,
-          "skipped": skipped}, shown
+          "skipped": sum(part["skipped"] for part in parts)}, shown
 
 
 def plot(shown: dict, path: str) -> None:

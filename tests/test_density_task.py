@@ -104,3 +104,36 @@ def test_the_fsc147_preset_is_clip_counts_recipe():
   assert (c.train.batch_size, c.train.lr, c.train.b1, c.train.b2, c.train.weight_decay) == (
       32, 1e-4, 0.9, 0.95, 0.05)
   assert (c.density.pooling, c.density.cross_attention) == ("eot", "tokens")  # minus its bugs
+
+
+def test_real_set_eval_batches_windows_of_several_images_like_one_image_at_a_time(tmp_path):
+  """eval_real puts windows of different images (and prompts) in one call; each image's count
+  must be what the sliding window over that image alone gives."""
+  from configs import common  # pylint: disable=import-outside-toplevel
+  from countclip_jax import eval_mesh  # pylint: disable=import-outside-toplevel
+  from countclip_jax.data import density_pipeline, synthetic  # pylint: disable=import-outside-toplevel
+  from countclip_jax.text.tokenizer import build_tokenizer  # pylint: disable=import-outside-toplevel
+  from test_density_model import make, random_params  # pylint: disable=import-outside-toplevel
+  from test_multihost import write_fsc147  # pylint: disable=import-outside-toplevel
+  from countclip_jax.models import density as density_model  # pylint: disable=import-outside-toplevel
+  write_fsc147(tmp_path, (96, 200, 150, 300, 130))  # 1, 4, 4, 8, 2 windows at stride 32
+  config = common.base()
+  config.density.source, config.density.data_dir = "fsc147", str(tmp_path)
+  config.density.crop_size, config.density.eval_window_stride = 96, 32
+  model = make()
+  params = random_params(density_model.param_shapes(model))
+  tok = build_tokenizer(synthetic.vocabulary(), 16)
+  mesh = eval_mesh.EvalMesh(params, 8)
+  results, _ = density_eval.eval_real(config, model, mesh, tok)
+  dataset = density_pipeline.eval_dataset(config, 64)
+  want = []
+  for i in range(len(dataset)):
+    image, _ = density_pipeline.eval_image(dataset[i], config)
+    windows = density_eval.window_predictor(model, mesh, tok([dataset[i]["prompt"]])[None])
+    want.append(float(density_eval.sliding_window(windows, image, 96, 32).sum()) / 60)
+  true = [len(dataset[i]["points"]) for i in range(len(dataset))]
+  assert len(set(want)) == 5  # prompts and pixels differ, so a mixed-up row would show
+  expected = density_eval._errors(want, true)  # pylint: disable=protected-access
+  assert results["n"] == 5 and results["skipped"] == 0
+  assert results["mae"] == pytest.approx(expected["mae"], rel=1e-5)
+  assert results["rmse"] == pytest.approx(expected["rmse"], rel=1e-5)

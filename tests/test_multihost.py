@@ -13,6 +13,7 @@ import time
 import jax
 import numpy as np
 import pytest
+from PIL import Image
 
 from configs import tiny
 from countclip_jax import checkpoints
@@ -144,17 +145,19 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path):
                                          f"synthetic_step{STEPS}.json", 27, one, two)
 
 
-def assert_two_processes_evaluate_like_one(tmp_path, run, command, result, size, one, two):
+def assert_two_processes_evaluate_like_one(tmp_path, run, command, result, size, one, two,
+                                           first=None):
   """Two processes re-evaluating a finished `run` each read only their share of every eval
-  batch (batches of 10: process 0 rows 0-4, 10-14, ..., process 1 rows 5-9, ...), and write
-  exactly the results of one process."""
+  batch (batches of 10: process 0 rows 0-4, 10-14, ..., process 1 rows 5-9, ...; or `first`
+  examples for process 0), and write exactly the results of one process."""
   copies = {name: tmp_path / f"eval-{name}" for name in ("one", "two")}
   for copy in copies.values():
     shutil.copytree(run, copy)
   logs = run_all({"eval-one": (command(copies["one"]), one),
                   "eval-two-0": (command(copies["two"]), two[0]),
                   "eval-two-1": (command(copies["two"]), two[1])}, tmp_path)
-  first = sum(min(5, size - b) for b in range(0, size, 10))
+  if first is None:
+    first = sum(min(5, size - b) for b in range(0, size, 10))
   for name, share in (("eval-one", size), ("eval-two-0", first), ("eval-two-1", size - first)):
     assert f"this process read {share} of {size} examples" in logs[name], logs[name][-3000:]
   read = lambda copy: json.loads((copy / "eval" / result).read_text())
@@ -172,6 +175,46 @@ def test_two_processes_evaluate_a_density_run_like_one(tmp_path):
   run_all({"train": (command(tmp_path / "run"), one)}, tmp_path)
   assert_two_processes_evaluate_like_one(tmp_path, tmp_path / "run", command, "density_step1.json",
                                          16, one, two)
+
+
+def write_fsc147(root, test_widths):
+  """An FSC-147 tree (its published layout) of random-pixel JPEGs: 2 training images and one
+  test image (the eval's split) per width, all 96 px high, with a few points each."""
+  rng = np.random.default_rng(0)
+  names = {"train": ["t0.jpg", "t1.jpg"], "test": [f"v{i}.jpg" for i in range(len(test_widths))]}
+  widths = dict(zip(names["train"], (96, 128)), **dict(zip(names["test"], test_widths)))
+  os.makedirs(root / "images_384_VarV2")
+  annotations = {}
+  for name, width in widths.items():
+    pixels = rng.integers(0, 255, (96, width, 3), np.uint8)
+    Image.fromarray(pixels).save(root / "images_384_VarV2" / name, format="JPEG")
+    points = rng.uniform(1, [width - 1, 95], (1 + len(annotations) % 4, 2)).tolist()
+    annotations[name] = {"H": 96, "W": width, "ratio_h": 1.0, "ratio_w": 1.0, "points": points,
+                         "box_examples_coordinates": []}
+  (root / "annotation_FSC147_384.json").write_text(json.dumps(annotations))
+  (root / "Train_Test_Val_FSC_147.json").write_text(json.dumps({**names, "val": []}))
+  classes = ["sea shells", "apples", "red circles", "hot air balloons"]
+  (root / "ImageClasses_FSC147.txt").write_text("".join(
+      f"{name}\t{classes[i % 4]}\n" for i, name in enumerate(widths)))
+
+
+def test_two_processes_evaluate_a_real_set_like_one(tmp_path):
+  """The sliding-window eval of a real set (FSC-147's layout): each process reads every other
+  image, windows of several images share a call, and the counts are the one-process ones."""
+  write_fsc147(tmp_path / "fsc", (96, 200, 150, 300, 130))
+  command = lambda workdir: [
+      sys.executable, "-m", "countclip_jax.main", f"--config={DENSITY}:tiny",
+      f"--workdir={workdir}", "--config.train.steps=1", "--config.mesh.data=1",
+      "--config.mesh.fsdp=2", "--config.density.source=fsc147",
+      f"--config.density.data_dir={tmp_path / 'fsc'}", "--config.density.crop_size=96",
+      "--config.density.eval_window_stride=32", "--config.train.batch_size=2"]
+  one, two = environments(tmp_path)
+  run_all({"train": (command(tmp_path / "run"), one)}, tmp_path)
+  results = json.loads((tmp_path / "run" / "eval" / "density_step1.json").read_text())
+  assert results["skipped"] == 0 and results["mean_count"] == pytest.approx(
+      np.mean([1 + i % 4 for i in range(2, 7)]))
+  assert_two_processes_evaluate_like_one(tmp_path, tmp_path / "run", command,
+                                         "density_step1.json", 5, one, two, first=3)
 
 
 def test_preempted_on_two_processes_resumes_on_one(tmp_path):
