@@ -4,14 +4,16 @@ Synthetic world (held-out dense scenes): MAE and RMSE of the prompted kind's cou
 split by whether the prompted kind is the minority of its image (FSC-147-S's question: does the
 prompt choose what is counted?); and the mean count predicted for a kind that is absent (~0
 if the prompt matters), also split by whether a kind of the absent one's colour is present
-(then only the shape tells them apart). Real sets (FSC-147, CARPK, ShanghaiTech): CLIP-Count's protocol, each
-full image (resized to the training height) right-padded and covered by square windows at a
-stride, overlapping predictions averaged, count = sum / scale; MAE and RMSE. Results go to
+(then only the shape tells them apart). Real sets (FSC-147, CARPK, ShanghaiTech): CLIP-Count's
+protocol, each full image (resized to the training height) right-padded and covered by square
+windows at a stride, overlapping predictions averaged, count = sum / scale; MAE and RMSE; each
+process reads its share of the images (`eval_real`). Results go to
 OUT/density<tag>.json with a PNG of a few examples (image, target, prediction).
 """
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import math
 import os
@@ -162,57 +164,65 @@ def window_predictor(model, mesh: eval_mesh.EvalMesh, ids: np.ndarray):
 def eval_real(config, model, mesh: eval_mesh.EvalMesh, tokenizer) -> tuple[dict, dict]:
   """(results, examples to draw) with the sliding window over a real set's eval split.
 
-  Process p of P reads images p, p + P, ... (its share) and queues their windows, each row
-  with its image's prompt; every call takes WINDOW_BATCH windows (rounded to the mesh) of
-  which each process gives its block (padded: all make the same number of calls), so windows
-  of several images share a call. Each image's maps are blended where it was read; the counts
-  are gathered by image index, so P processes give the one-process results.
+  Process p of P reads images p, p + P, ... (its share), one at a time, and streams their
+  windows, each row with its image's prompt; every call takes WINDOW_BATCH windows (rounded to
+  the mesh) of which each process gives its block, padded, until no process has any left, so
+  windows of several images share a call. An image's maps are blended as soon as all its
+  windows are back; the counts are gathered by image index, so P processes give the
+  one-process results.
   """
   size, stride = config.density.crop_size, config.density.eval_window_stride
   scale = config.density.scale
   dataset = density_pipeline.eval_dataset(config, model.clip_config.vision.image_size)
   index, count = mesh.block or (0, 1)
   local_rows = mesh.round_up(WINDOW_BATCH) // count
-  queue, images_of, skipped, shown = [], {}, 0, None
-  for i in range(index, len(dataset), count):
-    ex = dataset[i]
-    image, points = density_pipeline.eval_image(ex, config)
-    if image is None:
-      skipped += 1
-      continue
-    windows, starts = cut_windows(image, size, stride)
-    ids = tokenizer([ex["prompt"]])
-    queue += [(i, w, ids) for w in windows]
-    images_of[i] = (ex, image, points, starts, [])
-  read = len(images_of) + skipped
-  logging.info("eval density: this process read %d of %d examples", read, len(dataset))
-  calls = max(eval_mesh.gather_objects(-(-len(queue) // local_rows)))
+  pending, counts, skipped, read = {}, {}, [0], [0]
+
+  def own_windows():
+    for i in range(index, len(dataset), count):
+      ex = dataset[i]
+      read[0] += 1
+      image, points = density_pipeline.eval_image(ex, config)
+      if image is None:
+        skipped[0] += 1
+        continue
+      windows, starts = cut_windows(image, size, stride)
+      pending[i] = (ex, image, points, starts, [])
+      ids = tokenizer([ex["prompt"]])[0]
+      for window in windows:
+        yield i, window, ids
+
+  stream, shown = own_windows(), None
   predict, whole = _predictor(model, mesh), _whole_fn(mesh.replicated)
-  length = tokenizer.context_length
-  for c in range(calls):
-    chunk = queue[c * local_rows:(c + 1) * local_rows]
+  example = np.arange(local_rows, dtype=np.int32)
+  while True:
+    chunk = list(itertools.islice(stream, local_rows))
+    # Every process makes the same calls: until none has windows left (with mesh.block None
+    # every process streams the same windows).
+    if not any(eval_mesh.gather_objects(bool(chunk)) if mesh.block else [chunk]):
+      break
     pixels = np.zeros((local_rows, size, size, 3), np.float32)
-    ids = np.zeros((local_rows, 1, length), np.int32)
+    ids = np.zeros((local_rows, 1, tokenizer.context_length), np.int32)
     for r, (_, window, prompt_ids) in enumerate(chunk):
-      pixels[r], ids[r, 0] = window, prompt_ids[0]
-    example = np.arange(local_rows, dtype=np.int32)
+      pixels[r], ids[r, 0] = window, prompt_ids
     maps, _, _ = predict(mesh.params, mesh.place(pixels), mesh.place(ids), mesh.place(example))
-    # This process's rows (with mesh.block None every process queued the same windows).
     mine = eval_mesh.local_rows(maps) if mesh.block else np.asarray(whole(maps))
     for (i, _, _), m in zip(chunk, mine[:len(chunk), 0]):
-      images_of[i][4].append(m)
-  counts = {}
-  for i, (ex, image, points, starts, maps) in images_of.items():
-    full = blend(np.stack(maps), starts, image.shape[1])
-    counts[i] = (len(points), float(full.sum()) / scale)
-    if shown is None:  # this process's first image (process 0's: the split's first)
-      from countclip_jax.data import density  # pylint: disable=g-import-not-at-top
-      shown = {"image": image[None], "pred": full[None] / scale,
-               "target": density.density_map(points, *image.shape[:2])[None],
-               "title": [f"{ex['prompt']}: {len(points)} / {counts[i][1]:.1f}"]}
-  parts = eval_mesh.gather_objects({"counts": sorted(counts.items()), "skipped": skipped}
-                                   ) if mesh.block else [{"counts": sorted(counts.items()),
-                                                          "skipped": skipped}]
+      ex, image, points, starts, maps_of = pending[i]
+      maps_of.append(m)
+      if len(maps_of) < len(starts):
+        continue
+      full = blend(np.stack(maps_of), starts, image.shape[1])
+      del pending[i]
+      counts[i] = (len(points), float(full.sum()) / scale)
+      if shown is None:  # this process's first image (process 0's: the split's first)
+        from countclip_jax.data import density  # pylint: disable=g-import-not-at-top
+        shown = {"image": image[None], "pred": full[None] / scale,
+                 "target": density.density_map(points, *image.shape[:2])[None],
+                 "title": [f"{ex['prompt']}: {len(points)} / {counts[i][1]:.1f}"]}
+  logging.info("eval density: this process read %d of %d examples", read[0], len(dataset))
+  local = {"counts": sorted(counts.items()), "skipped": skipped[0]}
+  parts = eval_mesh.gather_objects(local) if mesh.block else [local]
   every = sorted((i, c) for part in parts for i, c in part["counts"])
   true, pred = [c[0] for _, c in every], [c[1] for _, c in every]
   return {**_errors(pred, true), "mean_count": float(np.mean(true)) if true else None,

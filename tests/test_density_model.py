@@ -69,7 +69,8 @@ def test_configs_are_validated():
                        (dict(blocks=5), "blocks"), (dict(decoder_widths=(16, 12)), "norm_groups"),
                        (dict(heads=3), "divisible by heads"), (dict(prompt_tokens=-1), ">= 0"),
                        (dict(output_activation="exp"), "output_activation"),
-                       (dict(pixel_width=12), "pixel_width"), (dict(pixel_width=-8), "pixel_width")]:
+                       (dict(pixel_width=12), "pixel_width"),
+                       (dict(pixel_width=-8), "pixel_width")]:
     with pytest.raises(ValueError, match=message):
       dataclasses.replace(D.TINY, **bad)
   with pytest.raises(ValueError, match="prompt_depth 3 exceeds the vision depth 2"):

@@ -109,14 +109,15 @@ def test_the_fsc147_preset_is_clip_counts_recipe():
 def test_real_set_eval_batches_windows_of_several_images_like_one_image_at_a_time(tmp_path):
   """eval_real puts windows of different images (and prompts) in one call; each image's count
   must be what the sliding window over that image alone gives."""
-  from configs import common  # pylint: disable=import-outside-toplevel
-  from countclip_jax import eval_mesh  # pylint: disable=import-outside-toplevel
-  from countclip_jax.data import density_pipeline, synthetic  # pylint: disable=import-outside-toplevel
-  from countclip_jax.text.tokenizer import build_tokenizer  # pylint: disable=import-outside-toplevel
-  from test_density_model import make, random_params  # pylint: disable=import-outside-toplevel
-  from test_multihost import write_fsc147  # pylint: disable=import-outside-toplevel
-  from countclip_jax.models import density as density_model  # pylint: disable=import-outside-toplevel
-  write_fsc147(tmp_path, (96, 200, 150, 300, 130))  # 1, 4, 4, 8, 2 windows at stride 32
+  # pylint: disable=import-outside-toplevel
+  from configs import common
+  from countclip_jax import eval_mesh
+  from countclip_jax.data import density_pipeline, synthetic
+  from countclip_jax.models import density as density_model
+  from countclip_jax.text.tokenizer import build_tokenizer
+  from test_density_model import make, random_params
+  from test_multihost import write_fsc147
+  write_fsc147(tmp_path, (96, 200, 150, 300, 130))  # 1-7 windows an image at stride 32
   config = common.base()
   config.density.source, config.density.data_dir = "fsc147", str(tmp_path)
   config.density.crop_size, config.density.eval_window_stride = 96, 32
@@ -137,3 +138,11 @@ def test_real_set_eval_batches_windows_of_several_images_like_one_image_at_a_tim
   assert results["n"] == 5 and results["skipped"] == 0
   assert results["mae"] == pytest.approx(expected["mae"], rel=1e-5)
   assert results["rmse"] == pytest.approx(expected["rmse"], rel=1e-5)
+  # A corrupt image is skipped and counted, and the others still count as they did.
+  (tmp_path / "images_384_VarV2" / "v2.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+  results, _ = density_eval.eval_real(config, model, mesh, tok)
+  kept = [0, 1, 3, 4]
+  expected = density_eval._errors(  # pylint: disable=protected-access
+      [want[i] for i in kept], [true[i] for i in kept])
+  assert results["skipped"] == 1 and results["n"] == 4
+  assert results["mae"] == pytest.approx(expected["mae"], rel=1e-5)
