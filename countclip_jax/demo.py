@@ -96,8 +96,7 @@ def run_stage(name: str, workdir: str, extra: list[str]) -> float:
 
 def final_eval(workdir: str, dataset: str = "synthetic") -> dict:
   """The stage's held-out eval at its last step (`dataset`: synthetic, or density for D)."""
-  steps = [r["step"] for r in read_metrics(workdir)]
-  with open(os.path.join(workdir, "eval", f"{dataset}_step{max(steps)}.json")) as f:
+  with open(os.path.join(workdir, "eval", f"{dataset}_step{last_step(workdir)}.json")) as f:
     return json.load(f)
 
 

@@ -176,15 +176,16 @@ def eval_real(config, model, mesh: eval_mesh.EvalMesh, tokenizer) -> tuple[dict,
   dataset = density_pipeline.eval_dataset(config, model.clip_config.vision.image_size)
   index, count = mesh.block or (0, 1)
   local_rows = mesh.round_up(WINDOW_BATCH) // count
-  pending, counts, skipped, read = {}, {}, [0], [0]
+  share = range(index, len(dataset), count)
+  pending, counts, skipped = {}, {}, 0
 
   def own_windows():
-    for i in range(index, len(dataset), count):
+    nonlocal skipped
+    for i in share:
       ex = dataset[i]
-      read[0] += 1
       image, points = density_pipeline.eval_image(ex, config)
       if image is None:
-        skipped[0] += 1
+        skipped += 1
         continue
       windows, starts = cut_windows(image, size, stride)
       pending[i] = (ex, image, points, starts, [])
@@ -220,8 +221,8 @@ def eval_real(config, model, mesh: eval_mesh.EvalMesh, tokenizer) -> tuple[dict,
         shown = {"image": image[None], "pred": full[None] / scale,
                  "target": density.density_map(points, *image.shape[:2])[None],
                  "title": [f"{ex['prompt']}: {len(points)} / {counts[i][1]:.1f}"]}
-  logging.info("eval density: this process read %d of %d examples", read[0], len(dataset))
-  local = {"counts": sorted(counts.items()), "skipped": skipped[0]}
+  logging.info("eval density: this process read %d of %d examples", len(share), len(dataset))
+  local = {"counts": sorted(counts.items()), "skipped": skipped}
   parts = eval_mesh.gather_objects(local) if mesh.block else [local]
   every = sorted((i, c) for part in parts for i, c in part["counts"])
   true, pred = [c[0] for _, c in every], [c[1] for _, c in every]

@@ -164,8 +164,10 @@ def _kind_sigmas(points: np.ndarray, sigma) -> np.ndarray | None:
 class _DenseExamples:
   """The dense world's examples in the source format."""
 
-  def __init__(self, world: dense_synthetic.DenseCounting, sigma):
+  def __init__(self, world: dense_synthetic.DenseCounting, sigma, hard_absent: bool = False):
     self.world, self.sigma = world, sigma
+    # Listed only when _PrepareRow may draw one: otherwise they would cost every example.
+    self.hard_absent = hard_absent and world.config.names == "color_shape"
 
   def __len__(self) -> int:
     return len(self.world)
@@ -175,12 +177,11 @@ class _DenseExamples:
     prompted = int(ex["prompted"])
     others = [(k["prompt"], k["centers"], _kind_sigmas(k["centers"], self.sigma))
               for i, k in enumerate(ex["kinds"]) if i != prompted]
-    present = {(k["color"], k["shape"]) for k in ex["kinds"]}
-    # Absent kinds of a colour in the image: only the shape tells them from a kind present.
-    shapes = self.world.config.shapes
-    hard = [dense_synthetic.prompt(color, shape) for color in sorted({c for c, _ in present})
-            for shape in shapes if (color, shape) not in present
-            ] if self.world.config.names == "color_shape" else []
+    hard = []
+    if self.hard_absent:  # absent kinds of a colour in the image: only shape tells them apart
+      present = {(k["color"], k["shape"]) for k in ex["kinds"]}
+      hard = [dense_synthetic.prompt(color, shape) for color in sorted({c for c, _ in present})
+              for shape in self.world.config.shapes if (color, shape) not in present]
     return {"image": ex["image"], "prompt": ex["prompt"], "points": ex["centers"],
             "sigmas": _kind_sigmas(ex["centers"], self.sigma), "others": others,
             "absent": [ex["absent_prompt"]], "hard_absent": hard}
@@ -247,7 +248,8 @@ class _RealExamples:
 def _examples(config, image_size: int) -> grain.MapDataset:
   sigma = _sigma(config)
   if is_synthetic(config):
-    return grain.MapDataset.source(_DenseExamples(dense_world(config, image_size), sigma))
+    return grain.MapDataset.source(_DenseExamples(dense_world(config, image_size), sigma,
+                                                  hard_absent=_hard_absent_prob(config) > 0))
   records = read_split(config, "train")
   if not records:
     raise ValueError(f"No train images in {config.density.data_dir}.")
