@@ -45,6 +45,8 @@ Variants (--variants, each a comma-separated list of key=value, run interleaved)
   xla    XLA compile options over the ones trainer.make_train_step sets, "name:value+...",
          e.g. xla=xla_cpu_copy_insertion_use_region_analysis:false (the trainer's CPU default
          before it set this option)
+  lam    count.lam (default 1); lam=0 is the demo's control C, whose counterfactual captions
+         get no backward pass (the model FLOPs and MFU columns still count that backward)
 """
 from __future__ import annotations
 
@@ -207,18 +209,20 @@ class Variant:
   feed: str = "device"  # device | host
   text: int | None = None  # tokens per caption (None: --text_length or the context length)
   xla: str = ""  # compile options over the trainer's: "name:value+name:value"
+  lam: float = 1.0  # count.lam; 0 = the demo's control C (counterfactuals measured, no backward)
 
 
 def parse_variant(spec: str, defaults: Variant) -> Variant:
   fields = {}
   for item in filter(None, spec.split(",")):
     key, _, value = item.partition("=")
-    if key not in ("dtype", "remat", "scan", "feed", "text", "xla"):
-      raise ValueError(f"variant key {key!r} is not one of dtype, remat, scan, feed, text, xla")
+    if key not in ("dtype", "remat", "scan", "feed", "text", "xla", "lam"):
+      raise ValueError(f"variant key {key!r} is not one of dtype, remat, scan, feed, text, xla, "
+                       "lam")
     if key == "remat" and value not in REMAT:
       raise ValueError(f"remat={value!r} is not one of {', '.join(REMAT)}")
     fields[key] = (value in ("1", "true", "True") if key == "scan" else
-                   int(value) if key == "text" else value)
+                   int(value) if key == "text" else float(value) if key == "lam" else value)
   return dataclasses.replace(defaults, name=spec, **fields)
 
 
@@ -230,7 +234,7 @@ def make_config(args, variant: Variant):
   c.train.batch_size = args.batch_size
   c.train.steps, c.train.warmup_steps = 10_000, 100
   c.count.fraction, c.count.num_counterfactuals = args.fraction, args.num_counterfactuals
-  c.count.lam, c.count.scale = 1.0, 1.0
+  c.count.lam, c.count.scale = variant.lam, 1.0
   c.mesh.data, c.mesh.fsdp, c.mesh.model = -1, 1, 1
   if getattr(args, "fsdp", False):
     c.mesh.data, c.mesh.fsdp = 1, -1

@@ -12,6 +12,7 @@ from countclip_jax.data import dense_synthetic as dense
 from countclip_jax.data import synthetic
 from countclip_jax.data.dense_synthetic import DenseConfig, DenseCounting
 from countclip_jax.data.synthetic import COLORS
+from test_synthetic import render_object_by_object
 
 EIGHT = np.ones((3, 3), bool)
 
@@ -20,7 +21,7 @@ def check_scene(ex, scene, config):
   """Everything an example claims, against the pixels and the geometry."""
   s, image = config.image_size, ex["image"]
   assert image.shape == (s, s, 3) and image.dtype == np.uint8
-  np.testing.assert_array_equal(image, synthetic.render(scene.as_scene()))  # the reference
+  np.testing.assert_array_equal(image, render_object_by_object(scene.as_scene()))
   # The kinds partition the objects; the flat fields are the prompted kind's.
   assert len(ex["kinds"]) == len(scene.kinds) == len(set(scene.kinds))
   assert config.min_kinds <= len(scene.kinds) <= config.max_kinds

@@ -276,34 +276,8 @@ def _place(rng: np.random.Generator, half: np.ndarray, s: int, margin: float):
 
 
 def render(scene: DenseScene) -> np.ndarray:
-  """Scene -> uint8 (s, s, 3); the pixels of synthetic.render(scene.as_scene()), in one pass.
-
-  synthetic.object_mask's arithmetic on every object's box at once (a window as wide as the
-  widest box; pixels past a box fail |u| <= 1), so 50 objects cost a few array ops, not 50.
-  """
-  s = scene.image_size
-  image = np.empty((s, s, 3), np.uint8)
-  background = synthetic._background(scene)  # pylint: disable=protected-access
-  image[:] = np.clip(np.rint(background), 0, 255).astype(np.uint8)
-  c = scene.centers.astype(np.float64)
-  h = scene.half_sizes.astype(np.float64)[:, None]
-  start = np.floor(c - h).astype(np.int64)
-  k = int((np.ceil(c + h).astype(np.int64) + 1 - start).max())
-  cols = start[:, 0, None] + np.arange(k)  # (n, k)
-  rows = start[:, 1, None] + np.arange(k)
-  u = ((cols + 0.5 - c[:, 0, None]) / h)[:, None, :]
-  v = ((rows + 0.5 - c[:, 1, None]) / h)[:, :, None]
-  u, v = np.broadcast_arrays(u, v)  # (n, k, k)
-  mask = ((np.abs(u) <= 1) & (np.abs(v) <= 1) & ((cols >= 0) & (cols < s))[:, None, :]
-          & ((rows >= 0) & (rows < s))[:, :, None])
-  shape_of = np.array([scene.kinds[kd][1] for kd in scene.kind_of])
-  for shape in set(shape_of.tolist()):
-    sel = shape_of == shape
-    mask[sel] &= synthetic._SHAPE_FNS[shape](u[sel], v[sel])  # pylint: disable=protected-access
-  palette = np.array([COLORS[color] for color, _ in scene.kinds], np.uint8)
-  o, y, x = np.nonzero(mask)
-  image[rows[o, y], cols[o, x]] = palette[scene.kind_of[o]]
-  return image
+  """Scene -> uint8 (s, s, 3), drawn as the counting world draws (synthetic.render)."""
+  return synthetic.render(scene.as_scene())
 
 
 class DenseCounting:
