@@ -3,6 +3,7 @@
   python benchmarks/input_pipeline.py --source records --seconds 3 --rounds 3  # issue 12's check
   python benchmarks/input_pipeline.py --threads 1 2 4 8                         # more threads
   python benchmarks/input_pipeline.py --source records --profile 20  # where a row's time goes
+  python benchmarks/input_pipeline.py --source synthetic --profile 20  # the demo's rows
 
 "records": JPEG pairs written to ArrayRecord shards in a temp dir, then the training pipeline
 at --image_size (decode, resize of the centre crop box, counterfactual captions, stack uint8
@@ -14,8 +15,8 @@ which other jobs on a shared machine move less), and two ratios: pipeline at the
 loop, and pipeline at the second / the first. --rounds interleaves repeats and reports medians.
 --profile N: instead, N batches of the pipeline in the calling thread (data.num_threads=0)
 under cProfile, the functions that take the most time of their own.
-"synthetic": the CPU demo's pipeline (procedural world at 64 px, batch 128, p = 0.5, K = 8),
-which must keep up with ~2 steps/s (>= ~500 examples/s).
+"synthetic": the CPU demo's pipeline (procedural world at 64 px, batch 128, p = 0.5, K = 8,
+10 text tokens), which must keep up with ~2 steps/s (>= ~500 examples/s).
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import common
+from configs import demo as demo_config
 from countclip_jax.data import pipeline
 from countclip_jax.data import records
 from countclip_jax.data import synthetic
@@ -151,14 +153,19 @@ def bench_records(args) -> None:
 
 
 def bench_synthetic(args) -> None:
-  # The CPU demo's counting stage (configs/demo.py): 64 px, batch 128, p = 0.5, K = 8, L = 16.
+  # The CPU demo's counting stage (configs/demo.py): 64 px, batch 128, p = 0.5, K = 8, and its
+  # context of 10 tokens (its longest captions fill it, so their numbers get fitted).
   config = common.base()
   config.train.batch_size, config.count.fraction, config.count.num_counterfactuals = 128, 0.5, 8
   config.data.synthetic.size = 200_000
-  tokenizer = tokenizer_lib.build_tokenizer(synthetic.vocabulary(), 16)
+  length = demo_config.get_config("count").data.context_length
+  tokenizer = tokenizer_lib.build_tokenizer(synthetic.vocabulary(), length)
+  if args.profile:
+    profile(config, tokenizer, 64, args.profile)
+    return
   for threads in args.threads:
     rate, per_cpu = pipeline_rate(config, tokenizer, 64, threads, args.seconds)
-    print(f"synthetic 64px, batch 128, p=0.5, K=8, data.num_threads={threads}: "
+    print(f"synthetic 64px, batch 128, p=0.5, K=8, {length} tokens, data.num_threads={threads}: "
           f"pipeline {rate:.0f} ex/s, {per_cpu:.0f} ex/CPU-s")
 
 
@@ -177,7 +184,7 @@ def main(argv=None) -> int:
   parser.add_argument("--seconds", type=float, default=5.0, help="per measurement")
   parser.add_argument("--rounds", type=int, default=1, help="interleaved repeats (median)")
   parser.add_argument("--profile", type=int, default=0,
-                      help="records: profile this many batches instead of timing")
+                      help="profile this many batches (calling thread) instead of timing")
   args = parser.parse_args(argv)
   if args.source in ("records", "both"):
     bench_records(args)

@@ -33,6 +33,10 @@ What is reported, per variant:
   memory     compiled memory_analysis() (arguments, outputs, aliased, temp); on TPU/GPU the
              device's peak_bytes_in_use, on CPU the process's peak RSS; minor page faults per
              step (on CPU XLA maps its temp buffer afresh every execution).
+  --op_profile N  then traces N steps of the first variant (jax.profiler) and prints the
+             milliseconds of XLA ops a step by kind (HLO name without its number, and fusion
+             kind: ynn_fusion = YNNPACK matmuls on CPU, copy_* = layout copies), summed over
+             the device's threads.
 
 Variants (--variants, each a comma-separated list of key=value, run interleaved):
   dtype  float32 | bfloat16 (compute dtype; params stay float32)
@@ -51,13 +55,18 @@ Variants (--variants, each a comma-separated list of key=value, run interleaved)
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import functools
+import glob
+import gzip
 import json
 import os
+import re
 import resource
 import statistics
 import sys
+import tempfile
 import time
 import types
 from typing import Any, Callable
@@ -446,6 +455,31 @@ def interleave(contenders: dict[str, Callable[[], float]], rounds: int,
   return out
 
 
+def op_profile(bench: Bench, steps: int) -> list[tuple[str, float, int]]:
+  """(kind, ms a step, ops) of `steps` traced steps, the costliest first: XLA ops by HLO name
+  without its number plus the fusion kind (`[kCustom]`: library calls such as YNNPACK's)."""
+  kinds = {m.group(1): m.group(2) for m in re.finditer(
+      r"^\s*(?:ROOT )?%?([\w.\-]+) = .*? fusion\(.*?kind=(\w+)", bench.compiled.as_text(), re.M)}
+  bench.run(1)
+  with tempfile.TemporaryDirectory() as out:
+    jax.profiler.start_trace(out)
+    bench.run(steps)
+    jax.profiler.stop_trace()
+    (trace,) = glob.glob(os.path.join(out, "plugins", "profile", "*", "*.trace.json.gz"))
+    with gzip.open(trace) as f:
+      events = json.load(f)["traceEvents"]
+  ms, ops = collections.Counter(), collections.Counter()
+  for e in events:
+    if (e.get("ph") != "X" or "dur" not in e or "::" in e["name"]  # runtime, thread waits
+        or e["name"].startswith(("$", "Pjit"))):
+      continue
+    kind = re.sub(r"[.]\d+$", "", e["name"]) + (f" [{kinds[e['name']]}]" if e["name"] in kinds
+                                                 else "")
+    ms[kind] += e["dur"] / 1e3 / steps
+    ops[kind] += 1 / steps
+  return [(kind, t, round(ops[kind])) for kind, t in ms.most_common()]
+
+
 def timed(fn: Callable[[], Any], steps: int, faults: list | None = None) -> Callable[[], float]:
   """Seconds per step of one window; appends the window's minor page faults per step to
   `faults` (the process's: on CPU, XLA's buffers are the process's memory)."""
@@ -513,6 +547,8 @@ def main(argv=None) -> int:
                       help="minimum length of a timed window")
   parser.add_argument("--peak_size", type=int, default=2048)
   parser.add_argument("--compile_only", action="store_true")
+  parser.add_argument("--op_profile", type=int, default=0,
+                      help="then trace this many steps of the first variant: ms of ops by kind")
   parser.add_argument("--compile_repeats", type=int, default=1,
                       help="with --compile_only: builds per variant, interleaved; medians")
   parser.add_argument("--roofline", action="store_true",
@@ -621,6 +657,13 @@ def main(argv=None) -> int:
       print(f"speed-up of {bench.variant.name} over {benches[0].variant.name or 'default'}: "
             f"median {statistics.median(ratios):.3f} (per round: "
             f"{', '.join(f'{r:.2f}' for r in ratios)})")
+  if args.op_profile and not args.compile_only:
+    rows = op_profile(benches[0], args.op_profile)
+    total = sum(t for _, t, _ in rows)
+    print(f"\nXLA ops of {benches[0].variant.name or 'default'}, {total:.1f} ms a step over the "
+          f"device's threads ({args.op_profile} traced steps):")
+    for kind, t, n in rows[:15]:
+      print(f"  {t:8.1f} ms {t / total:6.1%} {n:5d} ops  {kind}")
   return 0
 
 

@@ -77,3 +77,15 @@ def test_input_pipeline_profile_names_where_a_row_goes(capsys):
                               "--batch_size", "8", "--image_size", "32", "--profile", "2"]) == 0
   out = capsys.readouterr().out
   assert "profile: 2 batches (16 examples)" in out and "tottime" in out
+
+
+def test_train_step_op_profile_sums_the_traced_ops_by_kind(capsys):
+  import train_step  # pylint: disable=import-outside-toplevel
+  assert train_step.main(["--arch", "tiny", "--batch_size", "16", "--repeats", "1", "--warmup",
+                          "1", "--op_profile", "2", "--variants", "lam=0"]) == 0
+  out = capsys.readouterr().out
+  assert "XLA ops of lam=0" in out
+  rows = out.split("XLA ops of")[1].splitlines()[1:]
+  total = float(out.split("XLA ops of lam=0, ")[1].split(" ms")[0])
+  shares = [float(r.split("ms")[1].split("%")[0]) for r in rows if " ops  " in r]
+  assert rows and 0 < total and 0 < sum(shares) <= 100.5  # the top 15 of all the ops
