@@ -18,6 +18,7 @@ from countclip_jax.data import pipeline
 from countclip_jax.data import records
 from countclip_jax.data import synthetic
 from countclip_jax.text import numbers
+from countclip_jax.text import tokenizer as tokenizer_lib
 from countclip_jax.text.tokenizer import build_tokenizer
 
 SIZE = 48  # the synthetic world cannot place ten objects at 32 px (it raises)
@@ -246,6 +247,21 @@ def test_long_counting_captions_keep_their_number_word(tok):
   assert "three dogs" in decoded[0] and decoded[1] == "two cats"
   assert "five dogs" in tok.hf.decode(cf_text[0, 0], skip_special_tokens=True)
   assert tok.hf.decode(cf_text[1, 0], skip_special_tokens=True) == "nine cats"
+
+
+def test_only_counting_captions_that_truncation_cuts_are_fitted(tok, monkeypatch):
+  # One caption fills the context exactly, one is a word longer: only the second is fitted
+  # (the first tokenizes whole as it is; fitting rows one by one is the costly part).
+  fitted, fit = [], tokenizer_lib.fit_caption
+  monkeypatch.setattr(tokenizer_lib, "fit_caption",
+                      lambda t, caption, n: fitted.append(caption) or fit(t, caption, n))
+  exact = " ".join(["cats"] * (tok.context_length - 4) + ["three", "dogs"])
+  longer = "cats " + exact
+  text, cf_text = pipeline.tokenize_counting(tok, [exact, longer], [3, 3], np.array([[5], [5]]))
+  assert fitted == [longer]
+  assert tok.hf.decode(text[0], skip_special_tokens=True) == exact
+  assert tok.hf.decode(cf_text[0, 0], skip_special_tokens=True) == exact.replace("three", "five")
+  assert tok.hf.decode(text[1], skip_special_tokens=True) == exact  # fitted: a word less
 
 
 def test_source_errors_name_the_config_field(tok):

@@ -338,11 +338,19 @@ class _PrepareGeneral:
             "caption": ex["caption"]}
 
 
-def _full(ids: np.ndarray, tokenizer: tokenizer_lib.Tokenizer) -> np.ndarray:
-  """bool (N,): rows whose text filled the context (and may have been cut): eos last, a token
-  before it. Exact whether pad is eos (OpenAI's vocabulary) or not."""
+def _cut(ids: np.ndarray, texts: Sequence[str], tokenizer: tokenizer_lib.Tokenizer
+         ) -> np.ndarray:
+  """bool (N,): rows of `ids` (`texts` tokenized) that truncation cut. A row that fills the
+  context (eos last, a token before it: exact whether pad is eos, OpenAI's vocabulary, or not)
+  may also have fit exactly; only those rows are tokenized again, whole, to tell."""
   eos = tokenizer.eos_token_id
-  return (ids[:, -1] == eos) & (ids[:, -2] != eos)
+  cut = (ids[:, -1] == eos) & (ids[:, -2] != eos)
+  if cut.any():
+    rows = np.flatnonzero(cut)
+    whole = tokenizer.hf([texts[i] for i in rows], add_special_tokens=False,
+                         verbose=False)["input_ids"]
+    cut[rows] = [len(t) > tokenizer.context_length - 2 for t in whole]
+  return cut
 
 
 def tokenize_counting(tokenizer: tokenizer_lib.Tokenizer, captions: Sequence[str],
@@ -350,8 +358,9 @@ def tokenize_counting(tokenizer: tokenizer_lib.Tokenizer, captions: Sequence[str
                       ) -> tuple[np.ndarray, np.ndarray]:
   """(text int32 (N, L), cf_text int32 (N, K, L)) for counting captions and their swaps.
 
-  A caption that (or one of whose swaps) fills the context is cut by `fit_caption` around its
-  number word first, so that truncation never removes the word the counting loss is about.
+  A caption that (or one of whose swaps) is longer than the context is cut by `fit_caption`
+  around its number word first, so that truncation never removes the word the counting loss is
+  about; one that fits, exactly or not, is kept whole.
   """
   captions = list(captions)
   n, k = cf_numbers.shape
@@ -361,9 +370,11 @@ def tokenize_counting(tokenizer: tokenizer_lib.Tokenizer, captions: Sequence[str
             for i in rows for m in cf_numbers[i]]
 
   with _TOKENIZER_LOCK:
-    text, cf_text = tokenizer(captions), tokenizer(swaps(range(n))).reshape(n, k, -1)
-    cut = np.flatnonzero(_full(text, tokenizer) | _full(cf_text.reshape(n * k, -1), tokenizer)
-                         .reshape(n, k).any(1))
+    swapped = swaps(range(n))
+    text, cf_text = tokenizer(captions), tokenizer(swapped).reshape(n, k, -1)
+    cut = np.flatnonzero(_cut(text, captions, tokenizer)
+                         | _cut(cf_text.reshape(n * k, -1), swapped, tokenizer).reshape(n, k)
+                         .any(1))
     for i in cut:
       try:
         captions[i] = tokenizer_lib.fit_caption(tokenizer, captions[i], int(counts[i]))
