@@ -79,8 +79,10 @@ def test_input_pipeline_profile_names_where_a_row_goes(capsys):
   assert "profile: 2 batches (16 examples)" in out and "tottime" in out
 
 
-def test_train_step_op_profile_sums_the_traced_ops_by_kind(capsys):
+def test_train_step_op_profile_sums_the_traced_ops_by_kind(capsys, monkeypatch):
   import train_step  # pylint: disable=import-outside-toplevel
+  # Other tests of this process may have started JAX's backend: no cluster to join here.
+  monkeypatch.setattr(train_step.sharding, "initialize_distributed", lambda: None)
   assert train_step.main(["--arch", "tiny", "--batch_size", "16", "--repeats", "1", "--warmup",
                           "1", "--op_profile", "2", "--variants", "lam=0"]) == 0
   out = capsys.readouterr().out
