@@ -16,13 +16,10 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
-import glob
-import gzip
 import json
 import os
 import re
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -31,7 +28,7 @@ import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.train_step import cpu_model
+from benchmarks.train_step import cpu_model, xla_op_events
 from configs import density as density_configs
 from countclip_jax import tasks, trainer
 from countclip_jax.data import synthetic
@@ -84,19 +81,11 @@ def op_parts(hlo_text: str) -> dict:
 
 def profile(grad, params, batch, steps: int, depth: int) -> list[tuple[str, float]]:
   parts = op_parts(grad.lower(params, batch).compile().as_text())
-  with tempfile.TemporaryDirectory() as out:
-    jax.profiler.start_trace(out)
+  def run():
     for _ in range(steps):
       jax.block_until_ready(grad(params, batch))
-    jax.profiler.stop_trace()
-    (trace,) = glob.glob(os.path.join(out, "plugins", "profile", "*", "*.trace.json.gz"))
-    with gzip.open(trace) as f:
-      events = json.load(f)["traceEvents"]
   totals = collections.Counter()
-  for e in events:
-    if (e.get("ph") != "X" or "dur" not in e or "::" in e["name"]  # runtime, thread waits
-        or e["name"].startswith(("$", "Pjit"))):
-      continue
+  for e in xla_op_events(run):
     if e["name"] in parts:
       direction, path = parts[e["name"]]
       key = f"{direction} {'/'.join(p for p in path[:depth] if p != 'DensityCounter')}"

@@ -455,24 +455,28 @@ def interleave(contenders: dict[str, Callable[[], float]], rounds: int,
   return out
 
 
+def xla_op_events(run: Callable[[], Any]) -> list[dict]:
+  """The XLA op events ("name": HLO instruction, "dur": us) of a jax.profiler trace of `run()`,
+  without the runtime's own (dispatch, thread waits, Python)."""
+  with tempfile.TemporaryDirectory() as out:
+    jax.profiler.start_trace(out)
+    run()
+    jax.profiler.stop_trace()
+    (trace,) = glob.glob(os.path.join(out, "plugins", "profile", "*", "*.trace.json.gz"))
+    with gzip.open(trace) as f:
+      events = json.load(f)["traceEvents"]
+  return [e for e in events if e.get("ph") == "X" and "dur" in e and "::" not in e["name"]
+          and not e["name"].startswith(("$", "Pjit"))]
+
+
 def op_profile(bench: Bench, steps: int) -> list[tuple[str, float, int]]:
   """(kind, ms a step, ops) of `steps` traced steps, the costliest first: XLA ops by HLO name
   without its number plus the fusion kind (`[kCustom]`: library calls such as YNNPACK's)."""
   kinds = {m.group(1): m.group(2) for m in re.finditer(
       r"^\s*(?:ROOT )?%?([\w.\-]+) = .*? fusion\(.*?kind=(\w+)", bench.compiled.as_text(), re.M)}
   bench.run(1)
-  with tempfile.TemporaryDirectory() as out:
-    jax.profiler.start_trace(out)
-    bench.run(steps)
-    jax.profiler.stop_trace()
-    (trace,) = glob.glob(os.path.join(out, "plugins", "profile", "*", "*.trace.json.gz"))
-    with gzip.open(trace) as f:
-      events = json.load(f)["traceEvents"]
   ms, ops = collections.Counter(), collections.Counter()
-  for e in events:
-    if (e.get("ph") != "X" or "dur" not in e or "::" in e["name"]  # runtime, thread waits
-        or e["name"].startswith(("$", "Pjit"))):
-      continue
+  for e in xla_op_events(lambda: bench.run(steps)):
     kind = re.sub(r"[.]\d+$", "", e["name"]) + (f" [{kinds[e['name']]}]" if e["name"] in kinds
                                                  else "")
     ms[kind] += e["dur"] / 1e3 / steps
