@@ -28,9 +28,10 @@ setup: $(TESTING)
 demo: $(RUNTIME)
 	$(PY) -m countclip_jax.demo $(ARGS)
 
-# --durations: the slowest tests, so the suite can be kept near its ~10 min budget.
+# --durations: the slowest tests, so the suite can be kept near its ~10 min budget. Whole test
+# files go to the two workers, heaviest first (tests/conftest.py's HEAVIEST_FIRST).
 test: $(TESTING)
-	$(PY) -m pytest -q -n 2 --durations=15 tests $(ARGS)
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=15 tests $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
