@@ -218,10 +218,13 @@ def make_train_step(task: tasks.Task, model, tx, schedule, config, mesh,
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = task.constrain(optax.apply_updates(state.params, updates))
-    # The step is kept only if everything it makes is finite, the new params included (a
-    # finite gradient can still make a non-finite update), so no checkpoint holds a nan.
+    # The step is kept only if everything it makes is finite, so no checkpoint holds a nan. A
+    # finite gradient norm means finite squares, so finite Adam moments; the new params can
+    # still be nan from a finite gradient (lr = nan), and a sum is nan or inf if any of its
+    # terms is. Three scalars, then, where a test of every leaf of params and moments read
+    # three trees (and compiled B/32's step ~1.5x slower on XLA:CPU).
     finite = (jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
-              & _all_finite(params) & _all_finite(opt_state))
+              & jnp.isfinite(optax.tree.sum(params)))
     # One conditional picks the whole tree: a select per leaf compiles ~3x slower on XLA:CPU.
     params, opt_state = jax.lax.cond(finite, lambda: (params, opt_state),
                                      lambda: (state.params, state.opt_state))
@@ -252,12 +255,6 @@ class InMesh:
   def lower(self, *args):
     with sharding.activation_sharding(self.mesh):
       return self.jitted.lower(*args)
-
-
-def _all_finite(tree) -> jax.Array:
-  leaves = [jnp.isfinite(x).all() for x in jax.tree_util.tree_leaves(tree)
-            if jnp.issubdtype(x.dtype, jnp.inexact)]
-  return jnp.stack(leaves).all() if leaves else jnp.array(True)
 
 
 def _compiler_options(mesh) -> dict | None:

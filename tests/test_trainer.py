@@ -246,6 +246,21 @@ def test_a_non_finite_update_is_skipped_though_loss_and_gradient_are_finite(toke
                          jax.device_get((state.params, state.opt_state)), before)
 
 
+def test_a_gradient_too_large_to_square_is_skipped(tokenizer):
+  """λ = 1e30: loss and every gradient finite, but their squares (Adam's second moment) are
+  not. The guard reads no moment: the gradient norm, a sum of those squares, must stop it."""
+  config = small_config()
+  config.count.lam = 1e30
+  model, state, step, place = setup(config, tokenizer, (1, 1, 1), jax.devices()[:1], check=False)
+  before = jax.device_get((state.params, state.opt_state))
+  state, metrics = step(state, place(fake_batch(config, tokenizer,
+                                                model.config.vision.image_size)))
+  assert np.isfinite(float(metrics["loss"])) and not np.isfinite(float(metrics["grad_norm"]))
+  assert float(metrics["skipped"]) == 1.0
+  jax.tree_util.tree_map(np.testing.assert_array_equal,
+                         jax.device_get((state.params, state.opt_state)), before)
+
+
 class _PerMicroBatch(contrastive.Contrastive):
   couples_examples = False  # what accumulation once did: InfoNCE within each micro-batch
 
