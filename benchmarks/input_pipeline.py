@@ -40,6 +40,7 @@ from configs import demo as demo_config
 from countclip_jax.data import pipeline
 from countclip_jax.data import records
 from countclip_jax.data import synthetic
+from countclip_jax import models
 from countclip_jax.text import tokenizer as tokenizer_lib
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
@@ -153,19 +154,19 @@ def bench_records(args) -> None:
 
 
 def bench_synthetic(args) -> None:
-  # The CPU demo's counting stage (configs/demo.py): 64 px, batch 128, p = 0.5, K = 8, and its
-  # context of 10 tokens (its longest captions fill it, so their numbers get fitted).
-  config = common.base()
-  config.train.batch_size, config.count.fraction, config.count.num_counterfactuals = 128, 0.5, 8
-  config.data.synthetic.size = 200_000
-  length = demo_config.get_config("count").data.context_length
+  # The CPU demo's counting stage, configs/demo.py:count as it is (64 px, batch 128, p = 0.5,
+  # K = 8, a context of 10 tokens: its longest captions fill it).
+  config = demo_config.get_config("count")
+  size = models.ARCHITECTURES[config.model.arch].vision.image_size
+  length = config.data.context_length
   tokenizer = tokenizer_lib.build_tokenizer(synthetic.vocabulary(), length)
   if args.profile:
-    profile(config, tokenizer, 64, args.profile)
+    profile(config, tokenizer, size, args.profile)
     return
   for threads in args.threads:
-    rate, per_cpu = pipeline_rate(config, tokenizer, 64, threads, args.seconds)
-    print(f"synthetic 64px, batch 128, p=0.5, K=8, {length} tokens, data.num_threads={threads}: "
+    rate, per_cpu = pipeline_rate(config, tokenizer, size, threads, args.seconds)
+    print(f"synthetic {size}px, batch {config.train.batch_size}, p={config.count.fraction}, "
+          f"K={config.count.num_counterfactuals}, {length} tokens, data.num_threads={threads}: "
           f"pipeline {rate:.0f} ex/s, {per_cpu:.0f} ex/CPU-s")
 
 

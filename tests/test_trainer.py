@@ -250,7 +250,7 @@ def test_a_gradient_too_large_to_square_is_skipped(tokenizer):
   """λ = 1e30: loss and every gradient finite, but their squares (Adam's second moment) are
   not. The guard reads no moment: the gradient norm, a sum of those squares, must stop it."""
   config = small_config()
-  config.count.lam = 1e30
+  config.count.lam, config.train.warmup_steps = 1e30, 0  # lr > 0 at step 0: params would move
   model, state, step, place = setup(config, tokenizer, (1, 1, 1), jax.devices()[:1], check=False)
   before = jax.device_get((state.params, state.opt_state))
   state, metrics = step(state, place(fake_batch(config, tokenizer,

@@ -347,9 +347,8 @@ def _cut(ids: np.ndarray, texts: Sequence[str], tokenizer: tokenizer_lib.Tokeniz
   cut = (ids[:, -1] == eos) & (ids[:, -2] != eos)
   if cut.any():
     rows = np.flatnonzero(cut)
-    whole = tokenizer.hf([texts[i] for i in rows], add_special_tokens=False,
-                         verbose=False)["input_ids"]
-    cut[rows] = [len(t) > tokenizer.context_length - 2 for t in whole]
+    cut[rows] = [len(t) > tokenizer.context_length - 2
+                 for t in tokenizer.tokens([texts[i] for i in rows])]
   return cut
 
 

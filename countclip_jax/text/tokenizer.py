@@ -83,9 +83,11 @@ class Tokenizer:
                   max_length=self.context_length, return_attention_mask=False)["input_ids"]
     return np.asarray(ids, dtype=np.int32).reshape(len(texts), self.context_length)
 
-  def tokens(self, text: str) -> list[int]:
-    """Ids of `text` without bos/eos, padding or truncation."""
-    return self.hf(text, add_special_tokens=False)["input_ids"]
+  def tokens(self, text: str | Sequence[str]) -> list[int] | list[list[int]]:
+    """Ids of `text` without bos/eos, padding or truncation (for several texts, one call: a
+    list of each one's ids)."""
+    texts = text if isinstance(text, str) else list(text)
+    return self.hf(texts, add_special_tokens=False, verbose=False)["input_ids"]
 
   def save(self, out_dir: str) -> None:
     """Writes the tokenizer files in Hugging Face format to a local or gs:// directory.
