@@ -15,8 +15,8 @@ draws one wrong number, K = 8 takes all eight (ascending).
 Per set: examples -> shuffle -> repeat (reshuffled each epoch) -> per-example random_map
 (decode, crop, counterfactual numbers): an endless stream. `train_rows` lays this process's
 rows of every global batch out one after another (a MapDataset of examples, `Rows`);
-`iterate` has data.num_threads threads prepare them in parallel and batches them on the
-iterator (stack + tokenize the whole batch at once). So batch i is a pure function of
+`iterate` has data.num_threads threads prepare runs of them in parallel and batches them on
+the iterator (stack + tokenize the whole batch at once). So batch i is a pure function of
 (config, process, i): the same seed gives the same batches, whatever the thread timing, and
 `train_dataset(...)[i]` is the same batch at random access. The data position is the step: a
 resume at step s asks for `train_iterator(..., start=s)`, on any process count (no iterator
@@ -551,10 +551,10 @@ def iterate(rows: Rows, config, start: int, num_threads: int | None = None
   """Batches `start`, `start` + 1, ... of `rows`: what each task's train_iterator returns.
 
   In this process (data.num_workers = 0), `num_threads` threads (None: `host_threads`; 0: the
-  caller's thread) prepare examples in parallel, up to data.prefetch_buffer_size batches ahead,
-  and the caller's thread stacks and tokenizes each batch (the trainer's device prefetch thread
-  does that). Decoding, resizing and the normalising look-up release the GIL, so threads scale
-  with cores. With data.num_workers > 0, that many worker processes (each with num_threads
+  caller's thread) prepare runs of consecutive rows (`rows_per_task`) in parallel, up to
+  data.prefetch_buffer_size batches ahead, and the caller's thread stacks and tokenizes each
+  batch (the trainer's device prefetch thread does that). Decoding, resizing and the record
+  read release the GIL, so threads scale with cores (the synthetic world's rendering holds it). With data.num_workers > 0, that many worker processes (each with num_threads
   threads) make whole batches, for per-example Python work that does not scale on threads:
   grain gives each worker a slice of what precedes `to_iter_dataset`, so batching after it
   would mix rows of different batches. Workers need absl flags parsed (absl.app.run does it);
@@ -568,10 +568,36 @@ def iterate(rows: Rows, config, start: int, num_threads: int | None = None
     ds = rows.batches()[start:].to_iter_dataset(options).mp_prefetch(
         grain.MultiprocessingOptions(num_workers=config.data.num_workers))
     return iter(ds)
+  task = rows_per_task(rows.batch_rows, threads, ahead)
   options = grain.ReadOptions(num_threads=threads,
-                              prefetch_buffer_size=threads and ahead * rows.batch_rows)
-  ds = rows.dataset[start * rows.batch_rows:].to_iter_dataset(options)
-  return iter(ds.batch(rows.batch_rows, drop_remainder=True, batch_fn=rows.batch_fn))
+                              prefetch_buffer_size=threads and ahead * rows.batch_rows // task)
+  tasks = rows.dataset[start * rows.batch_rows:].batch(task, batch_fn=list)
+  return iter(tasks.to_iter_dataset(options).batch(rows.batch_rows // task, drop_remainder=True,
+                                                   batch_fn=_Flattened(rows.batch_fn)))
+
+
+# A thread's task is a run of consecutive rows, not one row: grain's thread pool costs a future
+# and a hand-over per task (~0.15 ms of CPU an example at 224 px, ~0.3 ms at the demo's 64 px:
+# benchmarks/input_pipeline.py, docs/PERFORMANCE.md).
+MAX_ROWS_PER_TASK = 16
+
+
+def rows_per_task(batch_rows: int, threads: int, ahead: int) -> int:
+  """Rows one thread prepares at a time: the most (up to MAX_ROWS_PER_TASK) that divide a
+  batch and still leave the prefetch buffer two tasks per thread, so no thread waits."""
+  buffered = max(ahead, 1) * batch_rows
+  return max(d for d in range(1, MAX_ROWS_PER_TASK + 1)
+             if batch_rows % d == 0 and (d == 1 or buffered // d >= 2 * threads))
+
+
+class _Flattened:
+  """Tasks (lists of consecutive rows) -> batch_fn of their rows, in order."""
+
+  def __init__(self, batch_fn):
+    self.batch_fn = batch_fn
+
+  def __call__(self, tasks):
+    return self.batch_fn([row for task in tasks for row in task])
 
 
 def global_batch(batch, sharding) -> Any:
