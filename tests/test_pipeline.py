@@ -398,7 +398,6 @@ def test_threads_take_runs_of_rows_that_divide_the_batch():
   assert pipeline.rows_per_task(64, 8, 2) == 8    # 128 buffered rows: 8 tasks of 16 < 16
   assert pipeline.rows_per_task(12, 0, 2) == 12   # the calling thread: a task a batch
   assert pipeline.rows_per_task(12, 2, 2) == 6
-  assert pipeline.rows_per_task(12, 2, 0) == 3    # no buffer: one batch's rows are shared out
   assert pipeline.rows_per_task(7, 4, 2) == 1     # 7 rows: 2 tasks of 7 for 4 threads
   assert pipeline.rows_per_task(64, 100, 2) == 1
 

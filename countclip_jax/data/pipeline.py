@@ -554,10 +554,11 @@ def iterate(rows: Rows, config, start: int, num_threads: int | None = None
   caller's thread) prepare runs of consecutive rows (`rows_per_task`) in parallel, up to
   data.prefetch_buffer_size batches ahead, and the caller's thread stacks and tokenizes each
   batch (the trainer's device prefetch thread does that). Decoding, resizing and the record
-  read release the GIL, so threads scale with cores (the synthetic world's rendering holds it). With data.num_workers > 0, that many worker processes (each with num_threads
-  threads) make whole batches, for per-example Python work that does not scale on threads:
-  grain gives each worker a slice of what precedes `to_iter_dataset`, so batching after it
-  would mix rows of different batches. Workers need absl flags parsed (absl.app.run does it);
+  read release the GIL, so threads scale with cores (the synthetic world's rendering holds
+  it). With data.num_workers > 0, that many worker processes (each with num_threads threads)
+  make whole batches, for per-example Python work that does not scale on threads: grain gives
+  each worker a slice of what precedes `to_iter_dataset`, so batching after it would mix rows
+  of different batches. Workers need absl flags parsed (absl.app.run does it);
   `it.close()` stops them.
   """
   threads = host_threads(config) if num_threads is None else num_threads
@@ -585,9 +586,8 @@ MAX_ROWS_PER_TASK = 16
 def rows_per_task(batch_rows: int, threads: int, ahead: int) -> int:
   """Rows one thread prepares at a time: the most (up to MAX_ROWS_PER_TASK) that divide a
   batch and still leave the prefetch buffer two tasks per thread, so no thread waits."""
-  buffered = max(ahead, 1) * batch_rows
   return max(d for d in range(1, MAX_ROWS_PER_TASK + 1)
-             if batch_rows % d == 0 and (d == 1 or buffered // d >= 2 * threads))
+             if batch_rows % d == 0 and (d == 1 or ahead * batch_rows // d >= 2 * threads))
 
 
 class _Flattened:
