@@ -37,10 +37,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import common
 from configs import demo as demo_config
+from countclip_jax import models
 from countclip_jax.data import pipeline
 from countclip_jax.data import records
 from countclip_jax.data import synthetic
-from countclip_jax import models
 from countclip_jax.text import tokenizer as tokenizer_lib
 # pylint: enable=g-import-not-at-top,wrong-import-position
 

@@ -573,8 +573,9 @@ def iterate(rows: Rows, config, start: int, num_threads: int | None = None
   options = grain.ReadOptions(num_threads=threads,
                               prefetch_buffer_size=threads and ahead * rows.batch_rows // task)
   tasks = rows.dataset[start * rows.batch_rows:].batch(task, batch_fn=list)
+  flattened = lambda runs: rows.batch_fn([row for run in runs for row in run])
   return iter(tasks.to_iter_dataset(options).batch(rows.batch_rows // task, drop_remainder=True,
-                                                   batch_fn=_Flattened(rows.batch_fn)))
+                                                   batch_fn=flattened))
 
 
 # A thread's task is a run of consecutive rows, not one row: grain's thread pool costs a future
@@ -588,16 +589,6 @@ def rows_per_task(batch_rows: int, threads: int, ahead: int) -> int:
   batch and still leave the prefetch buffer two tasks per thread, so no thread waits."""
   return max(d for d in range(1, MAX_ROWS_PER_TASK + 1)
              if batch_rows % d == 0 and (d == 1 or ahead * batch_rows // d >= 2 * threads))
-
-
-class _Flattened:
-  """Tasks (lists of consecutive rows) -> batch_fn of their rows, in order."""
-
-  def __init__(self, batch_fn):
-    self.batch_fn = batch_fn
-
-  def __call__(self, tasks):
-    return self.batch_fn([row for task in tasks for row in task])
 
 
 def global_batch(batch, sharding) -> Any:
