@@ -117,7 +117,9 @@ def test_every_param_has_logical_axes_of_its_rank(tiny):
 
 
 def test_without_prompts_or_context_the_towers_are_clips(tiny):
-  model, clip = make(prompt_tokens=0, context_tokens=0, input_size=64), models.CLIP(CLIP_TINY)
+  # explain keeps every token's states in the last layer (encode_* pool it there otherwise)
+  model = make(prompt_tokens=0, context_tokens=0, input_size=64)
+  clip = models.CLIP(CLIP_TINY, explain=True)
   params = {k: v for k, v in tiny[1].items() if k not in ("prompts", "context")}
   x, ids = pixels(2, 64), ids_for([5, 6, 7], [8])
   mask = (np.arange(ids.shape[1]) < np.array([[5], [3]])).astype(np.int32)
