@@ -105,11 +105,13 @@ def tokenizer_for(arch: str):
 # ----------------------------------------------------------------------------- FLOPs
 
 def tower_macs(width, depth, mlp_dim, tokens) -> int:
-  """Multiply-accumulates of one transformer tower's forward pass over one sequence:
-  q/k/v/out projections 4·T·D², MLP 2·T·D·M, scores and weighted sum 2·T²·D (computed in
-  full; the text tower's causal mask does not skip them)."""
-  return depth * (4 * tokens * width ** 2 + 2 * tokens * width * mlp_dim
-                  + 2 * tokens ** 2 * width)
+  """Multiply-accumulates of one transformer tower's forward pass over one sequence read at
+  one pooled token: q/k/v/out projections 4·T·D², MLP 2·T·D·M, scores and weighted sum
+  2·T²·D (computed in full; the text tower's causal mask does not skip them) in every layer
+  but the last, which computes the pooled token alone (models/clip.py, Encoder's pooled_at):
+  keys and values 2·T·D², its query, output and MLP 2·D² + 2·D·M, its attention 2·T·D."""
+  layer = lambda t: 4 * t * width ** 2 + 2 * t * width * mlp_dim + 2 * t * tokens * width
+  return (depth - 1) * layer(tokens) + layer(1) + 2 * (tokens - 1) * width ** 2
 
 
 def model_flops(config: CLIPConfig, context_length: int, batch_size: int, fraction: float,
